@@ -1,0 +1,181 @@
+"""The offline Engine: like `sglang.Engine`, plus a `model=` argument and many models at once.
+
+    eng = Engine(models={"a": "/path/a", "b": "/path/b"}, device="cpu")
+    eng.generate(prompt=["hi", "yo"], model=["a", "b"], sampling_params={"temperature": 0})
+    eng.shutdown()
+
+Requests of every model go through one MultiModelScheduler in this process, so
+calls batch across models exactly as the server does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+from crosspool_sgl.managers.req import Req, ReqOutput
+from crosspool_sgl.managers.runtime import Runtime, build_runtime
+from crosspool_sgl.sampling_params import InvalidRequestError, SamplingParams
+from crosspool_sgl.server_args import EngineArgs, KVPoolArgs, ModelSpec, SchedulerArgs
+
+
+class Engine:
+    def __init__(
+        self,
+        models: dict[str, str],
+        device: str = "cpu",
+        dtype: str = "auto",
+        kv_pool_bytes: int | None = None,
+        page_tokens: int = 16,
+        kv_chunk_bytes: int | None = None,
+        attention_backend: str = "auto",
+        max_running_requests: int = 64,
+        chunked_prefill_size: int = 1024,
+        show_progress: bool = True,
+    ) -> None:
+        if not models:
+            raise ValueError("Engine needs at least one model: models={'name': '/path/to/hf_dir'}")
+        self.args = EngineArgs(
+            models=tuple(ModelSpec(n, str(p)) for n, p in models.items()),
+            device=device,
+            dtype=dtype,
+            attention_backend=attention_backend,
+            kv_pool=KVPoolArgs(
+                total_bytes=kv_pool_bytes, page_tokens=page_tokens, chunk_bytes=kv_chunk_bytes
+            ),
+            scheduler=SchedulerArgs(max_running_requests, chunked_prefill_size),
+            show_progress=show_progress,
+        )
+        self.runtime: Runtime = build_runtime(self.args)
+        self.scheduler = self.runtime.scheduler
+        self.default_model = self.args.models[0].name
+        self._rid = itertools.count()
+
+    # ---- public API -----------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | list[dict] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        model: str | list[str] | None = None,
+        return_logprob: bool | list[bool] = False,
+        logprob_start_len: int | list[int] | None = None,
+        top_logprobs_num: int | list[int] = 0,
+    ) -> dict | list[dict]:
+        """Run to completion; a single prompt gives a dict, a batch a list of dicts."""
+        single = isinstance(prompt, str) or (
+            input_ids is not None and input_ids and isinstance(input_ids[0], int)
+        )
+        if prompt is None and input_ids is None:
+            raise InvalidRequestError("either prompt or input_ids is required")
+        batch = _as_list(prompt if prompt is not None else input_ids, single)
+        n = len(batch)
+        fields = {
+            "sampling_params": _broadcast(sampling_params, n, single),
+            "model": _broadcast(model, n, single),
+            "return_logprob": _broadcast(return_logprob, n, single),
+            "logprob_start_len": _broadcast(logprob_start_len, n, single),
+            "top_logprobs_num": _broadcast(top_logprobs_num, n, single),
+        }
+        reqs = [
+            self._make_req(batch[i], prompt is not None, **{k: v[i] for k, v in fields.items()})
+            for i in range(n)
+        ]
+        for r in reqs:
+            self.scheduler.add_request(r)
+        results = self._run_until_done(reqs)
+        return results[0] if single else results
+
+    def shutdown(self) -> None:
+        for req in list(self.scheduler.waiting) + list(self.scheduler.running):
+            self.scheduler.abort(req.rid)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def get_server_info(self) -> dict[str, Any]:
+        snap = self.runtime.kv_pool.snapshot()
+        return {
+            "models": list(self.runtime.models),
+            "kv_pool": {
+                "total_bytes": snap.total_bytes,
+                "free_bytes": snap.free_bytes,
+                "used_pages": snap.used_pages,
+                "used_bytes": snap.used_bytes,
+            },
+            "weight_pool": {
+                "used_bytes": self.runtime.weight_pool.used_bytes,
+                "model_bytes": dict(self.runtime.weight_pool.model_bytes),
+            },
+        }
+
+    # ---- internals ------------------------------------------------------------------------
+    def _make_req(
+        self, item, is_text, sampling_params, model, return_logprob, logprob_start_len, top_logprobs_num
+    ):
+        model = model or self.default_model
+        if model not in self.runtime.tokenizers:
+            raise InvalidRequestError(
+                f"model {model!r} is not hosted (hosted: {', '.join(self.runtime.models)})"
+            )
+        ids = self.runtime.tokenizers[model].encode(item) if is_text else list(item)
+        if logprob_start_len is None:
+            logprob_start_len = 0 if return_logprob else -1
+        return Req(
+            rid=f"engine-{next(self._rid)}",
+            model=model,
+            input_ids=ids,
+            params=SamplingParams.from_dict(sampling_params),
+            return_logprob=bool(return_logprob),
+            logprob_start_len=logprob_start_len,
+            top_logprobs_num=top_logprobs_num or 0,
+        )
+
+    def _run_until_done(self, reqs: list[Req]) -> list[dict]:
+        start = time.monotonic()
+        pending = {r.rid for r in reqs}
+        while pending:
+            outputs: list[ReqOutput] = self.scheduler.step()
+            pending -= {o.rid for o in outputs if o.finished}
+        return [self._result(r, time.monotonic() - start) for r in reqs]
+
+    def _result(self, req: Req, latency: float) -> dict:
+        tok = self.runtime.tokenizers[req.model]
+        ids = req.output_ids
+        text = tok.decode(ids, skip_special_tokens=req.params.skip_special_tokens)
+        matched = (req.finish_reason or {}).get("matched")
+        if isinstance(matched, str) and not req.params.no_stop_trim and matched in text:
+            text = text[: text.index(matched)]
+        meta = {
+            "id": req.rid,
+            "model": req.model,
+            "prompt_tokens": len(req.input_ids),
+            "completion_tokens": len(ids),
+            "finish_reason": req.finish_reason,
+            "num_retractions": req.num_retractions,
+            "e2e_latency": latency,
+        }
+        if req.return_logprob:
+            meta["input_token_logprobs"] = [(lp, t, None) for lp, t in req.input_logprobs]
+            meta["output_token_logprobs"] = [(lp, t, None) for lp, t in req.output_logprobs]
+            if req.top_logprobs_num:
+                meta["output_top_logprobs"] = [
+                    [(lp, t, None) for lp, t in row] for row in req.output_top_logprobs
+                ]
+        return {"text": text, "output_ids": list(ids), "meta_info": meta}
+
+
+def _as_list(x, single: bool) -> list:
+    return [x] if single else list(x)
+
+
+def _broadcast(x, n: int, single: bool) -> list:
+    if isinstance(x, list) and not single:
+        if len(x) != n:
+            raise InvalidRequestError(f"expected {n} values, got {len(x)}")
+        return x
+    return [x] * n

@@ -1,0 +1,1 @@
+"""Request lifecycle: requests, the scheduling policy, the model runner and the scheduler loop."""

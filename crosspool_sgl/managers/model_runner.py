@@ -1,0 +1,109 @@
+"""Runs one scheduled step: every model's share of the batch, then sampling.
+
+Requests of different models share the step; each model's tokens are packed
+into one forward pass (prefill chunks and decodes mixed). Logits are computed
+only for the rows that need them: the last token of a request whose prompt is
+now fully cached, and prompt positions whose logprobs were asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from crosspool_sgl.layers.attention.base import AttentionMetadata
+from crosspool_sgl.layers.sampler import SamplingRow, sample, token_logprobs
+from crosspool_sgl.managers.req import Req
+from crosspool_sgl.mem.kv_pool import KVPool
+from crosspool_sgl.models.decoder import DecoderModel
+
+
+@dataclass
+class StepResult:
+    """Per request: the sampled token (None mid-prefill) and logprobs gathered this step."""
+
+    next_token: int | None = None
+    next_logprob: float | None = None
+    next_top: list | None = None
+    prompt_logprobs: list[tuple[float, int]] | None = None  # for positions start+1.. of this chunk
+    prompt_top: list | None = None
+
+
+class ModelRunner:
+    def __init__(self, models: dict[str, DecoderModel], kv_pool: KVPool, device: torch.device) -> None:
+        self.models = models
+        self.kv_pool = kv_pool
+        self.device = device
+
+    def run(self, items: list[tuple[Req, int]]) -> dict[str, StepResult]:
+        by_model: dict[str, list[tuple[Req, int]]] = {}
+        for req, n in items:
+            by_model.setdefault(req.model, []).append((req, n))
+        results: dict[str, StepResult] = {}
+        for model, group in by_model.items():
+            results.update(self._run_model(self.models[model], group))
+        return results
+
+    def _run_model(self, model: DecoderModel, group: list[tuple[Req, int]]) -> dict[str, StepResult]:
+        ids: list[int] = []
+        positions: list[int] = []
+        for req, n in group:
+            ids += req.fill_ids[req.num_cached : req.num_cached + n]
+            positions += range(req.num_cached, req.num_cached + n)
+        meta = AttentionMetadata.build(
+            [r.pages for r, _ in group],
+            [r.num_cached + n for r, n in group],
+            [n for _, n in group],
+            self.kv_pool.page_tokens,
+            self.device,
+        )
+        as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=self.device)
+        hidden = model.forward(as_tensor(ids), as_tensor(positions), meta, self.kv_pool.kv_view(model.name))
+        return self._logits_and_sample(model, group, hidden)
+
+    def _logits_and_sample(self, model, group, hidden) -> dict[str, StepResult]:
+        results: dict[str, StepResult] = {}
+        sample_rows: list[int] = []
+        sample_reqs: list[Req] = []
+        start = 0
+        for req, n in group:
+            res = results[req.rid] = StepResult()
+            if req.return_logprob and req.logprob_start_len >= 0:
+                self._prompt_logprobs(model, req, n, hidden[start : start + n], res)
+            if req.num_cached + n == len(req.fill_ids):
+                sample_rows.append(start + n - 1)
+                sample_reqs.append(req)
+            start += n
+        if not sample_reqs:
+            return results
+        logits = model.logits(hidden[sample_rows])  # [B, V]
+        rows = [
+            SamplingRow(r.params.temperature, r.params.top_p, r.params.top_k, r.params.min_p, r.generator)
+            for r in sample_reqs
+        ]
+        next_ids = sample(logits, rows)
+        want = [r.return_logprob for r in sample_reqs]
+        top_n = max((r.top_logprobs_num for r in sample_reqs), default=0)
+        lps, tops = token_logprobs(logits, next_ids, top_n) if any(want) else (None, None)
+        for i, req in enumerate(sample_reqs):
+            res = results[req.rid]
+            res.next_token = int(next_ids[i])
+            if lps is not None:
+                res.next_logprob = lps[i]
+                res.next_top = tops[i][: req.top_logprobs_num] if tops else None
+        return results
+
+    @staticmethod
+    def _prompt_logprobs(model, req: Req, n: int, hidden, res: StepResult) -> None:
+        """Logprobs of prompt tokens predicted inside this chunk (positions past logprob_start_len)."""
+        prompt_len = len(req.input_ids)
+        first = req.num_cached  # hidden row j predicts token at position first + j + 1
+        next_pos = req.logprob_start_len + len(req.input_logprobs)  # survives retraction + re-prefill
+        rows = [j for j in range(n) if next_pos <= first + j + 1 < prompt_len]
+        if not rows:
+            return
+        targets = torch.tensor([req.input_ids[first + j + 1] for j in rows])
+        lps, tops = token_logprobs(model.logits(hidden[rows]), targets, req.top_logprobs_num)
+        res.prompt_logprobs = list(zip(lps, targets.tolist(), strict=True))
+        res.prompt_top = tops

@@ -1,0 +1,137 @@
+"""Build the whole engine from EngineArgs: pools, models, runner, scheduler, tokenizers.
+
+Shared by the offline Engine (in-process) and the server's scheduler process.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from crosspool_sgl.layers.attention import create_attention_backend
+from crosspool_sgl.managers.model_runner import ModelRunner
+from crosspool_sgl.managers.schedule_policy import PolicyArgs, SchedulePolicy
+from crosspool_sgl.managers.scheduler import MultiModelScheduler
+from crosspool_sgl.mem.kv_pool import KVGeometry, KVPool
+from crosspool_sgl.mem.weight_pool import WeightPool
+from crosspool_sgl.models.config import ModelConfig, load_model_config
+from crosspool_sgl.models.decoder import DecoderModel
+from crosspool_sgl.models.loader import load_model
+from crosspool_sgl.server_args import EngineArgs
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_CPU_DEFAULT_KV_BYTES = 256 << 20
+
+
+@dataclass
+class Runtime:
+    scheduler: MultiModelScheduler
+    kv_pool: KVPool
+    weight_pool: WeightPool
+    models: dict[str, DecoderModel]
+    tokenizers: dict  # name -> transformers tokenizer
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_dtype(name: str, configs: dict[str, dict]) -> torch.dtype:
+    """'auto' takes the first model's checkpoint dtype (fp32 when unset)."""
+    if name != "auto":
+        if name not in _DTYPES:
+            raise ValueError(f"unknown dtype {name!r} (auto, {', '.join(_DTYPES)})")
+        return _DTYPES[name]
+    for raw in configs.values():
+        d = raw.get("dtype") or raw.get("torch_dtype")
+        if d in _DTYPES:
+            return _DTYPES[d]
+    return torch.float32
+
+
+def default_kv_bytes(device: torch.device, weights_bytes: int) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int((free - weights_bytes) * 0.8)
+    return _CPU_DEFAULT_KV_BYTES
+
+
+def default_chunk_bytes(device: torch.device, page_bytes: list[int]) -> int:
+    """2 MiB multiples on GPU (the VMM granularity); on CPU 64 KiB. At least 8 pages a chunk."""
+    granule = 2 << 20 if device.type == "cuda" else 64 << 10
+    need = 8 * max(page_bytes)
+    return -(-need // granule) * granule
+
+
+def build_runtime(args: EngineArgs) -> Runtime:
+    import json
+    from pathlib import Path
+
+    device = torch.device(args.device)
+    raw_cfgs = {}
+    for spec in args.models:
+        if not Path(spec.path).is_dir():
+            raise FileNotFoundError(f"model {spec.name!r}: directory {spec.path} does not exist")
+        raw_cfgs[spec.name] = json.loads((Path(spec.path) / "config.json").read_text())
+    configs: dict[str, ModelConfig] = {s.name: load_model_config(s.path) for s in args.models}
+    dtype = resolve_dtype(args.dtype, raw_cfgs)
+    weight_pool = WeightPool(dtype, device)
+    attn = create_attention_backend(device, args.attention_backend)
+    models = {
+        s.name: load_model(s.name, s.path, weight_pool, attn, device, dtype, args.show_progress)
+        for s in args.models
+    }
+    kv_pool = _build_kv_pool(args, configs, device, dtype, weight_pool.used_bytes)
+    runner = ModelRunner(models, kv_pool, device)
+    tokenizers = {s.name: _load_tokenizer(s.path) for s in args.models}
+    policy = SchedulePolicy(
+        PolicyArgs(
+            page_tokens=kv_pool.page_tokens,
+            max_running_requests=args.scheduler.max_running_requests,
+            chunked_prefill_size=args.scheduler.chunked_prefill_size,
+        )
+    )
+    scheduler = MultiModelScheduler(
+        runner,
+        kv_pool,
+        policy,
+        eos_ids={n: c.eos_token_ids for n, c in configs.items()},
+        context_lens={n: c.max_position_embeddings for n, c in configs.items()},
+        detokenizers={n: _decode_fn(t) for n, t in tokenizers.items()},
+    )
+    logger.info(
+        "runtime ready: %d models, weights pool %.1f MiB, KV pool %.1f MiB (%d chunks of %d KiB), "
+        "attention=%s",
+        len(models),
+        weight_pool.used_bytes / 2**20,
+        kv_pool.total_bytes / 2**20,
+        kv_pool.num_chunks,
+        kv_pool.chunk_bytes >> 10,
+        attn.name,
+    )
+    return Runtime(scheduler, kv_pool, weight_pool, models, tokenizers, device, dtype)
+
+
+def _build_kv_pool(args: EngineArgs, configs: dict[str, ModelConfig], device, dtype, weights_bytes) -> KVPool:
+    geoms = {n: KVGeometry(c.num_layers, c.num_kv_heads, c.head_dim, dtype) for n, c in configs.items()}
+    page_tokens = args.kv_pool.page_tokens
+    chunk = args.kv_pool.chunk_bytes or default_chunk_bytes(
+        device, [g.page_bytes(page_tokens) for g in geoms.values()]
+    )
+    total = args.kv_pool.total_bytes or default_kv_bytes(device, weights_bytes)
+    pool = KVPool(total, page_tokens=page_tokens, chunk_bytes=chunk, device=device)
+    for name, geom in geoms.items():
+        pool.add_model(name, geom)
+    return pool
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _decode_fn(tokenizer):
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=False)

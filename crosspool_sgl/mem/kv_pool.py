@@ -1,0 +1,252 @@
+"""The cross-model, virtualised KV-cache pool.
+
+One physical arena of bytes is shared by every hosted model. Each model sees a
+*virtual view* of the whole arena in its own geometry::
+
+    view[m]: [N_m, L_m, 2, PT, Hkv_m, D_m]   (N_m = arena_bytes // page_bytes_m)
+
+so model m's page p occupies bytes [p * page_bytes_m, (p + 1) * page_bytes_m).
+Physical ownership is tracked per *chunk* (``chunk_bytes``, 2 MiB by default:
+the CUDA virtual-memory mapping granularity). A model may use page p only when
+every chunk that page touches is owned by that model; chunks are claimed when a
+model needs pages and released as soon as no page of the model touches them.
+No model ever holds a worst-case reservation: memory follows demand.
+
+Because each view is a plain strided tensor over the same storage, a model's
+page ids are ordinary integers, usable directly as FlashInfer/Triton page
+tables, and ``view[pages, layer]`` gathers its KV with one indexing op.
+
+Legend: N = pages of a model's view, L = layers, PT = tokens per page,
+Hkv = KV heads, D = head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """What a model's KV cache looks like; page bytes follow from it."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    def page_bytes(self, page_tokens: int) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return self.num_layers * 2 * page_tokens * self.num_kv_heads * self.head_dim * elem
+
+
+@dataclass
+class _ModelView:
+    """Bookkeeping for one model's view of the arena (private to KVPool)."""
+
+    geometry: KVGeometry
+    page_bytes: int
+    kv: torch.Tensor  # [N, L, 2, PT, Hkv, D]
+    free_pages: set[int] = field(default_factory=set)
+    used_pages: set[int] = field(default_factory=set)
+    owned_chunks: set[int] = field(default_factory=set)
+    chunk_use: dict[int, int] = field(default_factory=dict)  # chunk -> used pages touching it
+
+
+@dataclass(frozen=True)
+class KVPoolSnapshot:
+    """A read-only picture of the pool for planners, metrics and tests."""
+
+    total_bytes: int
+    chunk_bytes: int
+    num_chunks: int
+    num_free_chunks: int
+    used_pages: dict[str, int]
+    used_bytes: dict[str, int]  # pages in use * page bytes, per model
+    owned_bytes: dict[str, int]  # chunks owned * chunk bytes, per model
+
+    @property
+    def free_bytes(self) -> int:
+        return self.num_free_chunks * self.chunk_bytes
+
+    @property
+    def total_used_pages(self) -> int:
+        return sum(self.used_pages.values())
+
+
+class KVPool:
+    """One byte arena, many models' page views; alloc returns None when full."""
+
+    def __init__(
+        self,
+        total_bytes: int,
+        page_tokens: int = 16,
+        chunk_bytes: int = 2 << 20,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if total_bytes < chunk_bytes:
+            raise ValueError(f"KV pool of {total_bytes} bytes is smaller than one chunk ({chunk_bytes})")
+        self.page_tokens = page_tokens
+        self.chunk_bytes = chunk_bytes
+        self.num_chunks = total_bytes // chunk_bytes
+        self.total_bytes = self.num_chunks * chunk_bytes
+        self.device = torch.device(device)
+        self.arena = torch.zeros(self.total_bytes, dtype=torch.uint8, device=self.device)
+        self.free_chunks: set[int] = set(range(self.num_chunks))
+        self.views: dict[str, _ModelView] = {}
+
+    # ---- models -------------------------------------------------------------------------
+    def add_model(self, model: str, geometry: KVGeometry) -> torch.Tensor:
+        """Create a model's virtual view; returns it as [N, L, 2, PT, Hkv, D]."""
+        if model in self.views:
+            raise ValueError(f"model {model!r} already has a KV view")
+        page_bytes = geometry.page_bytes(self.page_tokens)
+        if page_bytes > self.chunk_bytes:
+            raise ValueError(
+                f"model {model!r}: one KV page ({page_bytes} bytes) exceeds the chunk size "
+                f"({self.chunk_bytes}); lower page_tokens or raise chunk_bytes"
+            )
+        num_pages = self.total_bytes // page_bytes
+        shape = (
+            num_pages,
+            geometry.num_layers,
+            2,
+            self.page_tokens,
+            geometry.num_kv_heads,
+            geometry.head_dim,
+        )
+        kv = self.arena[: num_pages * page_bytes].view(geometry.dtype).view(shape)
+        self.views[model] = _ModelView(geometry=geometry, page_bytes=page_bytes, kv=kv)
+        return kv
+
+    def kv_view(self, model: str) -> torch.Tensor:
+        return self.views[model].kv
+
+    def page_bytes(self, model: str) -> int:
+        return self.views[model].page_bytes
+
+    # ---- allocation ---------------------------------------------------------------------
+    def can_alloc(self, model: str, num_pages: int) -> bool:
+        """True if `alloc(model, num_pages)` would succeed right now."""
+        # Conservative: a fresh chunk holds at least chunk//page - 1 whole pages whatever its alignment.
+        return page_budget(self).try_take(model, num_pages)
+
+    def alloc(self, model: str, num_pages: int) -> list[int] | None:
+        """Take `num_pages` pages for `model`, or None (nothing taken) when the arena is full."""
+        view = self.views[model]
+        claimed: list[int] = []
+        while len(view.free_pages) < num_pages:
+            chunk = self._claim_chunk(view)
+            if chunk is None:
+                for c in claimed:  # roll back: leave the pool exactly as it was
+                    self._release_chunk(view, c)
+                return None
+            claimed.append(chunk)
+        pages = sorted(view.free_pages)[:num_pages]
+        for p in pages:
+            view.free_pages.remove(p)
+            view.used_pages.add(p)
+            for c in self._chunks_of(view, p):
+                view.chunk_use[c] = view.chunk_use.get(c, 0) + 1
+        return pages
+
+    def free(self, model: str, pages: list[int]) -> None:
+        """Return pages; chunks no longer touched by a used page go back to the arena."""
+        view = self.views[model]
+        emptied: set[int] = set()
+        for p in pages:
+            if p not in view.used_pages:
+                raise ValueError(f"model {model!r}: page {p} is not allocated (double free?)")
+            view.used_pages.remove(p)
+            view.free_pages.add(p)
+            for c in self._chunks_of(view, p):
+                view.chunk_use[c] -= 1
+                if view.chunk_use[c] == 0:
+                    emptied.add(c)
+        for c in emptied:
+            if view.chunk_use.get(c, 0) == 0:
+                self._release_chunk(view, c)
+
+    # ---- queries ------------------------------------------------------------------------
+    def used_pages(self, model: str | None = None) -> int:
+        if model is not None:
+            return len(self.views[model].used_pages)
+        return sum(len(v.used_pages) for v in self.views.values())
+
+    def snapshot(self) -> KVPoolSnapshot:
+        return KVPoolSnapshot(
+            total_bytes=self.total_bytes,
+            chunk_bytes=self.chunk_bytes,
+            num_chunks=self.num_chunks,
+            num_free_chunks=len(self.free_chunks),
+            used_pages={m: len(v.used_pages) for m, v in self.views.items()},
+            used_bytes={m: len(v.used_pages) * v.page_bytes for m, v in self.views.items()},
+            owned_bytes={m: len(v.owned_chunks) * self.chunk_bytes for m, v in self.views.items()},
+        )
+
+    # ---- chunk bookkeeping --------------------------------------------------------------
+    def _chunks_of(self, view: _ModelView, page: int) -> range:
+        first = page * view.page_bytes // self.chunk_bytes
+        last = ((page + 1) * view.page_bytes - 1) // self.chunk_bytes
+        return range(first, last + 1)
+
+    def _pages_touching(self, view: _ModelView, chunk: int) -> range:
+        first = chunk * self.chunk_bytes // view.page_bytes
+        last = min(((chunk + 1) * self.chunk_bytes - 1) // view.page_bytes, view.kv.shape[0] - 1)
+        return range(first, last + 1)
+
+    def _claim_chunk(self, view: _ModelView) -> int | None:
+        """Own one more chunk, preferring a neighbour of an owned one (fewer straddling pages lost)."""
+        if not self.free_chunks:
+            return None
+        neighbours = [c for o in view.owned_chunks for c in (o - 1, o + 1) if c in self.free_chunks]
+        chunk = min(neighbours) if neighbours else min(self.free_chunks)
+        self.free_chunks.remove(chunk)
+        view.owned_chunks.add(chunk)
+        for p in self._pages_touching(view, chunk):
+            if p not in view.used_pages and all(c in view.owned_chunks for c in self._chunks_of(view, p)):
+                view.free_pages.add(p)
+        return chunk
+
+    def _release_chunk(self, view: _ModelView, chunk: int) -> None:
+        for p in self._pages_touching(view, chunk):
+            view.free_pages.discard(p)
+        view.owned_chunks.discard(chunk)
+        view.chunk_use.pop(chunk, None)
+        self.free_chunks.add(chunk)
+
+
+@dataclass
+class PageBudget:
+    """A throw-away copy of the pool's free capacity that a planner can spend without mutating the pool."""
+
+    spare_pages: dict[str, int]
+    pages_per_chunk: dict[str, int]  # lower bound of whole pages a fresh chunk yields
+    free_chunks: int
+
+    def try_take(self, model: str, num_pages: int) -> bool:
+        spare = self.spare_pages[model]
+        if spare >= num_pages:
+            self.spare_pages[model] = spare - num_pages
+            return True
+        per_chunk = self.pages_per_chunk[model]
+        if per_chunk == 0:
+            return False
+        chunks = -(-(num_pages - spare) // per_chunk)
+        if chunks > self.free_chunks:
+            return False
+        self.free_chunks -= chunks
+        self.spare_pages[model] = spare + chunks * per_chunk - num_pages
+        return True
+
+    def give_back(self, model: str, num_pages: int) -> None:
+        self.spare_pages[model] += num_pages
+
+
+def page_budget(pool: KVPool) -> PageBudget:
+    return PageBudget(
+        spare_pages={m: len(v.free_pages) for m, v in pool.views.items()},
+        pages_per_chunk={m: max(pool.chunk_bytes // v.page_bytes - 1, 0) for m, v in pool.views.items()},
+        free_chunks=len(pool.free_chunks),
+    )

@@ -1,0 +1,130 @@
+"""One decoder-only transformer that covers every supported architecture.
+
+Attention weights, norms, embeddings and the LM head belong to the model (the
+"attention side"); every FFN — MoE experts, Qwen2-MoE's shared expert, dense
+MLPs — lives in the shared weights pool and is reached through slot ids.
+The differences between Llama, Qwen2/3, Qwen2/3-MoE, Mixtral and OLMoE are
+fields of `ModelConfig`.
+
+Legend: T = new tokens this step, H = hidden, E = experts, K = top-k, V = vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from crosspool_sgl.layers.attention.base import AttentionBackend, AttentionMetadata
+from crosspool_sgl.layers.moe import route_topk, run_ffn
+from crosspool_sgl.layers.norm import rms_norm
+from crosspool_sgl.layers.rotary import RotaryEmbedding
+from crosspool_sgl.mem.weight_pool import WeightPool
+from crosspool_sgl.models.config import ModelConfig
+
+
+@dataclass
+class LayerWeights:
+    """A layer's attention-side tensors plus the pool slots of its FFN."""
+
+    input_norm: torch.Tensor  # [H]
+    post_norm: torch.Tensor  # [H]
+    qkv_weight: torch.Tensor  # [Hq*D + 2*Hkv*D, H]
+    qkv_bias: torch.Tensor | None
+    o_weight: torch.Tensor  # [H, Hq*D]
+    o_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    router: torch.Tensor | None  # [E, H]; None for a dense MLP layer
+    ffn_slots: torch.Tensor  # [E] slot per expert, or [1] for a dense MLP
+    shared_slot: int | None = None
+    shared_gate: torch.Tensor | None = None  # [1, H]
+
+
+@dataclass
+class ModelWeights:
+    embed: torch.Tensor  # [V, H]
+    final_norm: torch.Tensor  # [H]
+    lm_head: torch.Tensor  # [V, H] (the embedding itself when tied)
+    layers: list[LayerWeights]
+
+
+class DecoderModel:
+    """Runs one model's forward pass over a packed batch of new tokens."""
+
+    def __init__(
+        self,
+        name: str,
+        config: ModelConfig,
+        weights: ModelWeights,
+        weight_pool: WeightPool,
+        attn_backend: AttentionBackend,
+        device: torch.device,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.weights = weights
+        self.weight_pool = weight_pool
+        self.attn_backend = attn_backend
+        self.rotary = RotaryEmbedding(config.rope, config.head_dim, device)
+        self.scale = config.head_dim**-0.5
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: torch.Tensor
+    ) -> torch.Tensor:
+        """input_ids/positions [T] -> final-normed hidden states [T, H]; writes K/V into `kv`."""
+        h = F.embedding(input_ids, self.weights.embed)
+        self.attn_backend.init_forward(meta)
+        for i, lw in enumerate(self.weights.layers):
+            h = h + self.attention(
+                i, lw, rms_norm(h, lw.input_norm, self.config.rms_norm_eps), positions, meta, kv
+            )
+            h = h + self.ffn(lw, rms_norm(h, lw.post_norm, self.config.rms_norm_eps))
+        return rms_norm(h, self.weights.final_norm, self.config.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, H] -> fp32 logits [T, V]."""
+        return F.linear(hidden, self.weights.lm_head).float()
+
+    def attention(self, i, lw: LayerWeights, x, positions, meta, kv) -> torch.Tensor:
+        cfg = self.config
+        qkv = F.linear(x, lw.qkv_weight, lw.qkv_bias)
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        if cfg.qk_norm == "full":  # OLMoE: one norm over all heads
+            q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
+            k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
+        if cfg.clip_qkv is not None:
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        q = q.reshape(-1, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(-1, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(-1, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm == "per_head":  # Qwen3: norm over each head's dim
+            q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
+            k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn_backend.forward(
+            q, k, v, kv, i, meta, self.scale, cfg.sliding_windows[i]
+        )  # [T, Hq, D]
+        return F.linear(out.reshape(-1, cfg.q_size), lw.o_weight, lw.o_bias)
+
+    def ffn_routing(self, lw: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot ids [T, K'] and weights [T, K'] of each token's FFN in the weights pool."""
+        cfg = self.config
+        num_tokens = x.shape[0]
+        if lw.router is None:  # dense MLP: one slot, weight 1
+            ids = lw.ffn_slots.expand(num_tokens, 1)
+            return ids, torch.ones(num_tokens, 1, dtype=x.dtype, device=x.device)
+        weights, experts = route_topk(F.linear(x, lw.router), cfg.top_k, cfg.norm_topk_prob)
+        slots = lw.ffn_slots[experts]  # [T, K]
+        if lw.shared_slot is not None:
+            gate = torch.sigmoid(F.linear(x, lw.shared_gate))  # [T, 1]
+            shared = torch.full_like(slots[:, :1], lw.shared_slot)
+            slots = torch.cat([slots, shared], dim=1)
+            weights = torch.cat([weights, gate.to(weights.dtype)], dim=1)
+        return slots, weights
+
+    def ffn(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        slots, weights = self.ffn_routing(lw, x)
+        return run_ffn(self.weight_pool, x, slots, weights)

@@ -1,0 +1,69 @@
+"""Sampling parameters, validated on arrival so bad input fails fast with a clear message."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class InvalidRequestError(ValueError):
+    """A request the server must reject with a 4xx (never a crash)."""
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> SamplingParams:
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        # Fields SGLang accepts that we do not act on yet are ignored only when neutral.
+        for k in list(d):
+            if k not in known:
+                if d[k] in (None, False, 0, 0.0, 1.0, [], {}, ""):
+                    d.pop(k)
+                else:
+                    raise InvalidRequestError(f"unsupported sampling parameter {k!r}")
+        if d.get("max_new_tokens") is None:
+            d.pop("max_new_tokens", None)
+        if isinstance(d.get("stop"), str):
+            d["stop"] = [d["stop"]]
+        d["stop"] = list(d.get("stop") or [])
+        d["stop_token_ids"] = list(d.get("stop_token_ids") or [])
+        params = cls(**d)
+        params.verify()
+        return params
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def verify(self) -> None:
+        def bad(msg: str) -> InvalidRequestError:
+            return InvalidRequestError(msg)
+
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise bad(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
+        if not isinstance(self.temperature, int | float) or self.temperature < 0:
+            raise bad(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k < -1 or self.top_k == 0:
+            raise bad(f"top_k must be -1 (disabled) or >= 1, got {self.top_k!r}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise bad(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise bad("stop must be a non-empty string or a list of them")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids must be non-negative integers")
