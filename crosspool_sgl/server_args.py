@@ -35,3 +35,15 @@ class EngineArgs:
     kv_pool: KVPoolArgs = field(default_factory=KVPoolArgs)
     scheduler: SchedulerArgs = field(default_factory=SchedulerArgs)
     show_progress: bool = True
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    """The HTTP server: an engine plus where and how to serve it (launch_server builds this)."""
+
+    engine: EngineArgs
+    host: str = "127.0.0.1"
+    port: int = 30000
+    log_level: str = "info"
+    num_threads: int | None = None  # torch threads in the scheduler process; None: torch's default
+    startup_timeout_s: float = 600.0

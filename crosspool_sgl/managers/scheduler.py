@@ -128,6 +128,9 @@ class MultiModelScheduler:
                 req.input_top_logprobs += res.prompt_top or [None] * len(res.prompt_logprobs)
             if res.next_token is None:
                 continue
+            if req.params.max_new_tokens == 0:  # prompt-only (e.g. logprob scoring): sample nothing
+                self._finish(req, {"type": "length", "length": 0})
+                continue
             req.output_ids.append(res.next_token)
             if req.first_token_time is None:
                 req.first_token_time = now

@@ -1,0 +1,1 @@
+"""HTTP entrypoints: native SGLang routes, OpenAI routes, Prometheus metrics."""

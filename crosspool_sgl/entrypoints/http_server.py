@@ -1,0 +1,230 @@
+"""The HTTP app: SGLang's native API (also under `/models/{name}/...`), OpenAI routes and /metrics.
+
+`sgl.RuntimeEndpoint(f"{base}/models/{name}")` runs frontend-language programs
+against model `name`; `RuntimeEndpoint(base)` targets the first model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from crosspool_sgl.entrypoints.metrics import ServerMetrics
+from crosspool_sgl.managers.tokenizer_manager import (
+    GenerateInput,
+    ModelInfo,
+    MultiModelTokenizerManager,
+    RequestError,
+)
+
+logger = logging.getLogger(__name__)
+
+_GENERATE_FIELDS = (
+    "return_logprob",
+    "logprob_start_len",
+    "top_logprobs_num",
+    "return_text_in_logprobs",
+    "rid",
+)
+
+
+def error_response(e: RequestError) -> JSONResponse:
+    """OpenAI-style error body: {"error": {"message", "type", "param", "code"}}."""
+    body = {"error": {"message": e.message, "type": e.err_type, "param": e.param, "code": e.status_code}}
+    return JSONResponse(body, status_code=e.status_code)
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"malformed JSON body: {e}") from e
+    if not isinstance(body, dict):
+        raise RequestError("the JSON body must be an object")
+    return body
+
+
+def sse(data: Any) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+def parse_generate_body(body: dict[str, Any], model: str | None) -> tuple[list[GenerateInput], bool]:
+    """SGLang's GenerateReqInput fields -> requests; returns (requests, is_single)."""
+    text, input_ids = body.get("text"), body.get("input_ids")
+    if text is None and input_ids is None:
+        raise RequestError("either `text` or `input_ids` is required", param="text")
+    if text is not None:
+        single = isinstance(text, str)
+        prompts = [{"text": t} for t in ([text] if single else text)]
+    else:
+        single = bool(input_ids) and isinstance(input_ids[0], int)
+        prompts = [{"input_ids": ids} for ids in ([input_ids] if single else input_ids)]
+    if not prompts or any(not isinstance(p.get("text", p.get("input_ids")), str | list) for p in prompts):
+        raise RequestError(
+            "`text` must be a string or a list of strings; `input_ids` a list of ints or lists"
+        )
+    n = len(prompts)
+
+    def per_item(key: str, default: Any) -> list[Any]:
+        v = body.get(key, default)
+        if isinstance(v, list) and not single and key != "stop":
+            if len(v) != n:
+                raise RequestError(f"`{key}` has {len(v)} entries for {n} prompts", param=key)
+            return v
+        return [v] * n
+
+    params = per_item("sampling_params", None)
+    fields = {k: per_item(k, None) for k in _GENERATE_FIELDS}
+    reqs = []
+    for i, p in enumerate(prompts):
+        kw = {k: v[i] for k, v in fields.items() if v[i] is not None}
+        if "rid" in kw and not single and not isinstance(body.get("rid"), list):
+            kw["rid"] = f"{kw['rid']}-{i}"
+        reqs.append(GenerateInput(model=model, sampling_params=dict(params[i] or {}), **p, **kw))
+    return reqs, single
+
+
+def model_info_dict(info: ModelInfo) -> dict[str, Any]:
+    """SGLang's /get_model_info fields (RuntimeEndpoint reads `model_path`)."""
+    return {
+        "model_path": info.path,
+        "tokenizer_path": info.path,
+        "served_model_name": info.name,
+        "is_generation": True,
+        "architecture": info.architecture,
+        "context_length": info.context_len,
+        "preferred_sampling_params": None,
+        "weight_version": "default",
+        "has_image_understanding": False,
+        "has_audio_understanding": False,
+    }
+
+
+def build_native_router(tm: MultiModelTokenizerManager, server_info: Callable[[], dict]) -> APIRouter:
+    """Native routes; mounted at the root and at /models/{model_name}."""
+    router = APIRouter()
+
+    def pick(model_name: str | None) -> str:
+        return tm.resolve_model(model_name)
+
+    @router.api_route("/generate", methods=["POST", "PUT"])
+    async def generate(request: Request, model_name: str | None = None) -> Response:
+        return await handle_generate(tm, request, model_name)
+
+    @router.get("/get_model_info")
+    @router.get("/model_info")
+    async def model_info(model_name: str | None = None) -> dict[str, Any]:
+        return model_info_dict(tm.models[pick(model_name)])
+
+    @router.get("/get_server_info")
+    @router.get("/server_info")
+    async def get_server_info(model_name: str | None = None) -> dict[str, Any]:
+        if model_name is not None:
+            pick(model_name)
+        sched = await tm.get_scheduler_info()
+        return {**server_info(), **sched, "internal_states": [sched]}
+
+    @router.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache(model_name: str | None = None) -> Response:
+        ok = await tm.flush_cache()
+        msg = "Cache flushed." if ok else "Cache not flushed: requests are running."
+        return Response(msg, status_code=200 if ok else 400)
+
+    @router.get("/health")
+    async def health(model_name: str | None = None) -> Response:
+        if model_name is not None:
+            pick(model_name)
+        await tm.get_scheduler_info()  # the scheduler answers
+        return Response(status_code=200)
+
+    @router.get("/health_generate")
+    async def health_generate(model_name: str | None = None) -> Response:
+        models = [pick(model_name)] if model_name is not None else list(tm.models)
+        objs = [
+            GenerateInput(model=m, input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0})
+            for m in models
+        ]
+        states = tm.submit_all(objs)
+        await asyncio.wait_for(asyncio.gather(*(tm.collect(s) for s in states)), timeout=60)
+        return Response(status_code=200)
+
+    return router
+
+
+async def handle_generate(
+    tm: MultiModelTokenizerManager, request: Request, model_name: str | None
+) -> Response:
+    """SGLang's /generate: single or batch, streaming (SSE of cumulative text) or not."""
+    body = await read_json(request)
+    model = tm.resolve_model(model_name if model_name is not None else body.get("model"))
+    objs, single = parse_generate_body(body, model)
+    if body.get("stream"):
+        if not single:
+            raise RequestError(
+                "streaming a batch is not supported; send one request per prompt", param="stream"
+            )
+        state = tm.submit(objs[0])
+        return StreamingResponse(_native_stream(tm, state), media_type="text/event-stream")
+    states = tm.submit_all(objs)
+    results = await asyncio.gather(*(tm.collect(s, request.is_disconnected) for s in states))
+    return JSONResponse(results[0] if single else list(results))
+
+
+async def _native_stream(tm: MultiModelTokenizerManager, state: Any) -> AsyncIterator[bytes]:
+    """SGLang's streaming shape: cumulative text per event, then `data: [DONE]`."""
+    results = tm.wait_for(state)
+    try:
+        async for result in results:
+            yield sse(result)
+    except RequestError as e:
+        yield sse({"error": {"message": e.message, "type": e.err_type, "code": e.status_code}})
+    finally:
+        await results.aclose()  # on disconnect: aborts the request now, not at garbage collection
+    yield b"data: [DONE]\n\n"
+
+
+def create_app(
+    tm: MultiModelTokenizerManager, metrics: ServerMetrics, server_info: Callable[[], dict]
+) -> FastAPI:
+    from crosspool_sgl.entrypoints.openai_api import build_openai_router
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await tm.start()
+        yield
+        await tm.stop()
+
+    app = FastAPI(lifespan=lifespan, title="crosspool-sgl")
+
+    @app.exception_handler(RequestError)
+    async def on_request_error(request: Request, e: RequestError) -> JSONResponse:
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        return error_response(RequestError(str(e)))
+
+    @app.exception_handler(TimeoutError)
+    async def on_timeout(request: Request, e: TimeoutError) -> JSONResponse:
+        return error_response(RequestError("the scheduler did not answer in time", 503, "ServiceUnavailable"))
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        metrics.update_from_scheduler(await tm.get_scheduler_info())
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    native = build_native_router(tm, server_info)
+    app.include_router(native)
+    app.include_router(native, prefix="/models/{model_name}")
+    app.include_router(build_openai_router(tm))
+    return app

@@ -1,0 +1,387 @@
+"""Launch the multi-model server: `python -m crosspool_sgl.launch_server --model NAME=DIR ...`.
+
+Processes (SGLang's shape): this process runs HTTP + the tokenizer side; it
+spawns the scheduler process (owns the models, the KV pool and the weights
+pool) and the detokenizer process, connected by ZMQ over ipc sockets.
+Models are checked here, before anything is spawned, so a missing directory or
+an unsupported architecture fails fast with a message naming it.
+With no `--model` (and no `--config`) it serves tiny demo models of three
+architectures, generated locally on first run and cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing as mp
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from crosspool_sgl.models.config import UnsupportedModelError, load_model_config
+from crosspool_sgl.server_args import EngineArgs, KVPoolArgs, ModelSpec, SchedulerArgs, ServerArgs
+
+logger = logging.getLogger("crosspool_sgl.launch_server")
+
+DEMO_MODELS = ("qwen3_moe", "mixtral", "llama")
+_SIZE_SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+class StartupError(RuntimeError):
+    """The server can't start; the message names the culprit."""
+
+
+def parse_bytes(text: str | int) -> int:
+    """'512M', '2g', '1048576' -> bytes."""
+    s = str(text).strip().lower().removesuffix("ib").removesuffix("b")
+    mult = _SIZE_SUFFIX.get(s[-1:], 1)
+    return int(float(s[:-1] if mult > 1 else s) * mult)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m crosspool_sgl.launch_server",
+        description="Serve several (MoE) models behind one OpenAI + SGLang-native HTTP port.",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a model to host: client-facing name and Hugging Face directory (repeatable). "
+        f"With none, tiny demo models are served: {', '.join(DEMO_MODELS)}",
+    )
+    p.add_argument(
+        "--config",
+        metavar="TOML",
+        help="a TOML file with [[model]] tables (name, path) and any flag below as a top-level key "
+        '(e.g. kv_pool_bytes = "512M"); command-line flags win',
+    )
+    add_engine_flags(p)
+    return p
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """Where to serve and how to size the engine (also settable from --config)."""
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=30000, help="HTTP port (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device for the models and pools, e.g. cpu, cuda:0")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="model and KV dtype; auto takes the first checkpoint's dtype",
+    )
+    p.add_argument("--attention-backend", default="auto", help="auto, torch, triton or flashinfer")
+    p.add_argument(
+        "--kv-pool-bytes",
+        type=parse_bytes,
+        default=None,
+        help="size of the shared KV-cache arena, e.g. 256M (default: 256 MiB on CPU, "
+        "80%% of free memory after weights on GPU)",
+    )
+    p.add_argument(
+        "--page-size",
+        "--page-tokens",
+        dest="page_tokens",
+        type=int,
+        default=16,
+        help="tokens per KV page (default: %(default)s)",
+    )
+    p.add_argument(
+        "--kv-chunk-bytes",
+        type=parse_bytes,
+        default=None,
+        help="KV arena ownership granularity (default: 2 MiB on GPU, 64 KiB multiples on CPU)",
+    )
+    p.add_argument(
+        "--max-running-requests",
+        type=int,
+        default=64,
+        help="requests decoding at once across all models (default: %(default)s)",
+    )
+    p.add_argument(
+        "--chunked-prefill-size",
+        type=int,
+        default=1024,
+        help="new tokens per scheduler step, prefill chunks and decodes together (default: %(default)s)",
+    )
+    add_process_flags(p)
+
+
+def add_process_flags(p: argparse.ArgumentParser) -> None:
+    """Threads, logging and startup limits of the server's processes."""
+    p.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch threads in the scheduler process (default: torch's choice)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level of every process (default: %(default)s)",
+    )
+    p.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for the models to load (default: %(default)s)",
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config_models: list[tuple[str, str]] = []
+    if args.config:
+        cfg = tomllib.loads(Path(args.config).read_text())
+        config_models = _config_models(cfg)
+        known = {a.dest for a in parser._actions}
+        unknown = set(cfg) - known - {"model", "models"}
+        if unknown:
+            parser.error(f"{args.config}: unknown keys {sorted(unknown)}")
+        parser.set_defaults(**{k: v for k, v in cfg.items() if k in known and k not in ("model", "config")})
+        args = parser.parse_args(argv)
+        for key in ("kv_pool_bytes", "kv_chunk_bytes"):
+            if isinstance(getattr(args, key), str):
+                setattr(args, key, parse_bytes(getattr(args, key)))
+    specs = [ModelSpec(n, p) for n, p in config_models] + [_model_flag(parser, m) for m in args.model]
+    if not specs:
+        from crosspool_sgl.tools.make_tiny_models import ensure_tiny_models
+
+        paths = ensure_tiny_models(names=DEMO_MODELS)
+        specs = [ModelSpec(n, str(paths[n])) for n in DEMO_MODELS]
+    engine = EngineArgs(
+        models=tuple(specs),
+        device=args.device,
+        dtype=args.dtype,
+        attention_backend=args.attention_backend,
+        kv_pool=KVPoolArgs(args.kv_pool_bytes, args.page_tokens, args.kv_chunk_bytes),
+        scheduler=SchedulerArgs(args.max_running_requests, args.chunked_prefill_size),
+        show_progress=False,
+    )
+    return ServerArgs(engine, args.host, args.port, args.log_level, args.num_threads, args.startup_timeout)
+
+
+def _model_flag(parser: argparse.ArgumentParser, value: str) -> ModelSpec:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        parser.error(f"--model expects NAME=DIR, got {value!r}")
+    return ModelSpec(name, path)
+
+
+def _config_models(cfg: dict[str, Any]) -> list[tuple[str, str]]:
+    tables = cfg.get("model", [])
+    out = [(t["name"], t["path"]) for t in tables]
+    out += list((cfg.get("models") or {}).items())  # [models] name = "path"
+    return out
+
+
+def check_models(specs: Sequence[ModelSpec]) -> dict[str, Any]:
+    """Fail fast, naming the model: missing dir, no config.json, unsupported architecture, no tokenizer."""
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise StartupError(f"model names must be unique, got {names}")
+    configs = {}
+    for s in specs:
+        if not Path(s.path).is_dir():
+            raise StartupError(f"model {s.name!r}: directory {s.path} does not exist")
+        try:
+            configs[s.name] = load_model_config(s.path)
+        except (FileNotFoundError, UnsupportedModelError, KeyError) as e:
+            raise StartupError(f"model {s.name!r} ({s.path}): {e}") from e
+    return configs
+
+
+def load_tokenizers(specs: Sequence[ModelSpec]) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    out = {}
+    for s in specs:
+        try:
+            out[s.name] = AutoTokenizer.from_pretrained(s.path)
+        except Exception as e:
+            raise StartupError(f"model {s.name!r} ({s.path}): cannot load its tokenizer: {e}") from e
+    return out
+
+
+class ChildProcesses:
+    """The scheduler and detokenizer processes: start, wait until ready, stop (no orphans)."""
+
+    def __init__(self, args: ServerArgs, ipc_dir: str) -> None:
+        from crosspool_sgl.managers.detokenizer_process import run_detokenizer_process
+        from crosspool_sgl.managers.scheduler_process import run_scheduler_process
+
+        self.scheduler_addr = f"ipc://{ipc_dir}/scheduler"
+        self.detokenizer_addr = f"ipc://{ipc_dir}/detokenizer"
+        self.tokenizer_addr = f"ipc://{ipc_dir}/tokenizer"
+        ctx = mp.get_context("spawn")
+        paths = {s.name: s.path for s in args.engine.models}
+        self.pipes: dict[str, Any] = {}
+        self.procs: dict[str, Any] = {}
+        for name, target, targs in (
+            ("scheduler", run_scheduler_process, (args.engine, self.scheduler_addr, self.detokenizer_addr)),
+            ("detokenizer", run_detokenizer_process, (paths, self.detokenizer_addr, self.tokenizer_addr)),
+        ):
+            reader, writer = ctx.Pipe(duplex=False)
+            kwargs = {"log_level": args.log_level}
+            if name == "scheduler":
+                kwargs["num_threads"] = args.num_threads
+            self.procs[name] = ctx.Process(
+                target=target, args=(*targs, writer), kwargs=kwargs, name=f"crosspool-{name}", daemon=True
+            )
+            self.pipes[name] = reader
+        for p in self.procs.values():
+            p.start()
+
+    def wait_ready(self, timeout_s: float) -> dict[str, Any]:
+        """Block until both children report ready; raise StartupError with the child's message if not."""
+        deadline = time.monotonic() + timeout_s
+        ready: dict[str, Any] = {}
+        while len(ready) < len(self.procs):
+            if time.monotonic() > deadline:
+                raise StartupError(
+                    f"children not ready after {timeout_s:.0f}s: waiting for {set(self.procs) - set(ready)}"
+                )
+            for name, pipe in self.pipes.items():
+                if name in ready:
+                    continue
+                if pipe.poll(0.2):
+                    msg = pipe.recv()
+                    if msg.get("status") != "ready":
+                        raise StartupError(f"{name} failed to start: {msg.get('message')}")
+                    ready[name] = msg
+                elif not self.procs[name].is_alive():
+                    raise StartupError(f"{name} process exited with code {self.procs[name].exitcode}")
+        return ready
+
+    def alive(self) -> bool:
+        return all(p.is_alive() for p in self.procs.values())
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs.values():
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+
+def serve(args: ServerArgs) -> None:
+    """Check the models, start the children, serve HTTP until SIGINT/SIGTERM, stop the children."""
+    import uvicorn
+
+    specs = args.engine.models
+    configs = check_models(specs)
+    tokenizers = load_tokenizers(specs)
+    ipc_dir = tempfile.mkdtemp(prefix="crosspool-ipc-")
+    children = None
+    # Until uvicorn installs its own handlers, SIGTERM must still run the cleanup below.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        children = ChildProcesses(args, ipc_dir)
+        ready = children.wait_ready(args.startup_timeout_s)
+        app, models = build_app(args, configs, tokenizers, children, ready["scheduler"]["info"])
+        logger.info("serving %s on http://%s:%d", ", ".join(models), args.host, args.port)
+        config = uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=5,
+            timeout_keep_alive=5,
+        )
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if children is not None:
+            children.stop()
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+
+
+def build_app(
+    args: ServerArgs,
+    configs: dict[str, Any],
+    tokenizers: dict[str, Any],
+    children: ChildProcesses,
+    startup_info: dict[str, Any],
+) -> tuple[Any, dict[str, Any]]:
+    """The FastAPI app over a tokenizer manager wired to the children's sockets."""
+    from crosspool_sgl.entrypoints.http_server import create_app
+    from crosspool_sgl.entrypoints.metrics import ServerMetrics
+    from crosspool_sgl.managers.tokenizer_manager import ModelInfo, MultiModelTokenizerManager
+
+    models = {
+        s.name: ModelInfo(
+            s.name,
+            s.path,
+            configs[s.name].max_position_embeddings,
+            configs[s.name].vocab_size,
+            configs[s.name].model_type,
+        )
+        for s in args.engine.models
+    }
+    metrics = ServerMetrics()
+    tm = MultiModelTokenizerManager(
+        models, tokenizers, children.scheduler_addr, children.tokenizer_addr, metrics.hooks()
+    )
+    started = time.time()
+
+    def server_info() -> dict[str, Any]:
+        return {
+            "version": _version(),
+            "models": {
+                n: {"model_path": m.path, "architecture": m.architecture, "context_length": m.context_len}
+                for n, m in models.items()
+            },
+            "server_args": _args_dict(args),
+            "uptime_s": time.time() - started,
+            "startup_info": startup_info,
+        }
+
+    return create_app(tm, metrics, server_info), models
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("crosspool-sgl")
+    except PackageNotFoundError:
+        return "dev"
+
+
+def _args_dict(args: ServerArgs) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="[server] %(asctime)s %(levelname)s %(message)s")
+    try:
+        serve(args)
+    except StartupError as e:
+        print(f"crosspool_sgl.launch_server: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The scheduler process: our MultiModelScheduler behind ZMQ, started with `spawn`.
+
+Loop: receive requests (block on the socket when there is nothing to run, so an
+idle server never spins a core), add/abort, step, send the outputs on to the
+detokenizer. The loop checks its parent once a second while idle and exits when
+the parent is gone, so a killed launcher leaves no orphan.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import signal
+from typing import Any
+
+import zmq
+
+from crosspool_sgl.managers.io_struct import (
+    AbortReq,
+    BatchTokenIDOutput,
+    DetokenizeHints,
+    FlushCacheReqInput,
+    FlushCacheReqOutput,
+    SchedulerInfoReqInput,
+    SchedulerInfoReqOutput,
+    TokenizedGenerateReqInput,
+)
+from crosspool_sgl.managers.req import Req, ReqOutput
+from crosspool_sgl.managers.runtime import Runtime, build_runtime
+from crosspool_sgl.sampling_params import InvalidRequestError, SamplingParams
+from crosspool_sgl.server_args import EngineArgs
+
+logger = logging.getLogger(__name__)
+
+_IDLE_POLL_MS = 1000  # how often an idle scheduler checks that its parent is alive
+
+
+class SchedulerServer:
+    """Owns the runtime and the two sockets; one type->handler table for incoming messages."""
+
+    def __init__(self, runtime: Runtime, recv_addr: str, send_addr: str) -> None:
+        self.runtime = runtime
+        self.scheduler = runtime.scheduler
+        self.context = zmq.Context(2)
+        self.receiver = self.context.socket(zmq.PULL)
+        self.receiver.bind(recv_addr)
+        self.sender = self.context.socket(zmq.PUSH)
+        self.sender.connect(send_addr)
+        self.hints: dict[str, DetokenizeHints] = {}
+        self.stopping = False
+        self.dispatch = {
+            TokenizedGenerateReqInput: self.handle_generate,
+            AbortReq: self.handle_abort,
+            FlushCacheReqInput: self.handle_flush_cache,
+            SchedulerInfoReqInput: self.handle_info,
+        }
+
+    def event_loop(self) -> None:
+        parent = mp.parent_process()
+        while not self.stopping:
+            for msg in self.recv_all(block=not self.scheduler.has_work()):
+                self.dispatch[type(msg)](msg)
+            self.send_outputs(self.scheduler.step())
+            if parent is not None and not parent.is_alive():
+                logger.warning("parent process is gone; scheduler exits")
+                return
+
+    def recv_all(self, block: bool) -> list[Any]:
+        msgs = []
+        if block and not self.receiver.poll(_IDLE_POLL_MS):
+            return msgs
+        while True:
+            try:
+                msgs.append(self.receiver.recv_pyobj(zmq.NOBLOCK))
+            except zmq.Again:
+                return msgs
+
+    def send_outputs(self, outputs: list[ReqOutput]) -> None:
+        if not outputs:
+            return
+        hints = {o.rid: self.hints[o.rid] for o in outputs if o.rid in self.hints}
+        for o in outputs:
+            if o.finished:
+                self.hints.pop(o.rid, None)
+        self.sender.send_pyobj(BatchTokenIDOutput(outputs, hints))
+
+    # ---- handlers -----------------------------------------------------------------------
+    def handle_generate(self, msg: TokenizedGenerateReqInput) -> None:
+        try:
+            params = SamplingParams.from_dict(msg.sampling_params)
+            req = Req(
+                msg.rid,
+                msg.model,
+                list(msg.input_ids),
+                params,
+                msg.return_logprob,
+                msg.logprob_start_len,
+                msg.top_logprobs_num,
+            )
+            self.scheduler.add_request(req)
+        except (InvalidRequestError, TypeError) as e:
+            reason = {"type": "abort", "message": str(e), "status_code": 400}
+            self.send_outputs(
+                [ReqOutput(msg.rid, msg.model, [], [], [], True, reason, len(msg.input_ids), 0)]
+            )
+            return
+        self.hints[msg.rid] = DetokenizeHints(params.skip_special_tokens, params.no_stop_trim)
+
+    def handle_abort(self, msg: AbortReq) -> None:
+        if self.scheduler.abort(msg.rid):
+            logger.info("aborted %s", msg.rid)
+
+    def handle_flush_cache(self, msg: FlushCacheReqInput) -> None:
+        # No prefix cache to flush yet; pages of finished requests are already free.
+        self.sender.send_pyobj(FlushCacheReqOutput(msg.req_id, success=not self.scheduler.has_work()))
+
+    def handle_info(self, msg: SchedulerInfoReqInput) -> None:
+        self.sender.send_pyobj(SchedulerInfoReqOutput(msg.req_id, scheduler_info(self.runtime)))
+
+
+def scheduler_info(runtime: Runtime) -> dict[str, Any]:
+    """Pool usage and queue depths, per model."""
+    snap = runtime.kv_pool.snapshot()
+    sched = runtime.scheduler
+    models = list(runtime.models)
+    return {
+        "kv_pool": {
+            "total_bytes": snap.total_bytes,
+            "free_bytes": snap.free_bytes,
+            "chunk_bytes": snap.chunk_bytes,
+            "num_chunks": snap.num_chunks,
+            "num_free_chunks": snap.num_free_chunks,
+            "used_pages": dict(snap.used_pages),
+            "used_bytes": dict(snap.used_bytes),
+            "owned_bytes": dict(snap.owned_bytes),
+        },
+        "weight_pool": {
+            "used_bytes": runtime.weight_pool.used_bytes,
+            "model_bytes": dict(runtime.weight_pool.model_bytes),
+        },
+        "num_waiting": {m: sum(r.model == m for r in sched.waiting) for m in models},
+        "num_running": {m: sum(r.model == m for r in sched.running) for m in models},
+        "num_steps": sched.num_steps,
+    }
+
+
+def run_scheduler_process(
+    engine_args: EngineArgs,
+    recv_addr: str,
+    send_addr: str,
+    pipe_writer: Any,
+    num_threads: int | None = None,
+    log_level: str = "info",
+) -> None:
+    """Process entry (top level, so `spawn` can import it). Reports ready/error on the pipe."""
+    logging.basicConfig(level=log_level.upper(), format="[scheduler] %(asctime)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher owns shutdown
+    import torch
+
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        runtime = build_runtime(engine_args)
+        server = SchedulerServer(runtime, recv_addr, send_addr)
+    except Exception as e:  # reported to the launcher, which exits non-zero
+        logger.exception("scheduler failed to start")
+        pipe_writer.send({"status": "error", "message": f"{type(e).__name__}: {e}"})
+        raise SystemExit(1) from e
+    signal.signal(signal.SIGTERM, lambda *_: setattr(server, "stopping", True))
+    pipe_writer.send({"status": "ready", "info": scheduler_info(runtime)})
+    with torch.inference_mode():
+        server.event_loop()

@@ -1,0 +1,363 @@
+"""The tokenizer side of the server (runs in the HTTP process): one manager, a tokenizer per model.
+
+It validates and tokenizes requests, sends them to the scheduler process over
+ZMQ, and turns the detokenizer's outputs back into SGLang-shaped results
+(`text`, `output_ids`, `meta_info`). Field names follow SGLang's
+`GenerateReqInput`/`TokenizerManager` so the native API matches SGLang's.
+
+Why not a subclass of SGLang's TokenizerManager: its `__init__` reads the
+process-global runtime context (`assert_published(server_args)`, `get_serving()`,
+...) and builds one model config, one tokenizer and one set of ZMQ sockets from
+it. Several instances, one per model, cannot coexist in one process (the
+context is process-wide and not async-safe), and one instance cannot hold
+several tokenizers without overriding most of its 4,000 lines. We keep its
+message names (io_struct) and response shapes instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from crosspool_sgl.managers.io_struct import (
+    AbortReq,
+    BatchStrOutput,
+    FlushCacheReqInput,
+    FlushCacheReqOutput,
+    SchedulerInfoReqInput,
+    SchedulerInfoReqOutput,
+    StrOutput,
+    TokenizedGenerateReqInput,
+)
+from crosspool_sgl.sampling_params import InvalidRequestError, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class RequestError(Exception):
+    """A client error with its HTTP status, rendered as an OpenAI-style error body."""
+
+    def __init__(
+        self,
+        message: str,
+        status_code: int = 400,
+        err_type: str = "BadRequestError",
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message, self.status_code, self.err_type, self.param = message, status_code, err_type, param
+
+
+@dataclass
+class GenerateInput:
+    """One normalised generation request (a batch is split into these)."""
+
+    model: str
+    text: str | None = None
+    input_ids: list[int] | None = None
+    sampling_params: dict[str, Any] = field(default_factory=dict)
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
+    rid: str | None = None
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    path: str
+    context_len: int
+    vocab_size: int
+    architecture: str
+
+
+@dataclass
+class ReqState:
+    """What the HTTP side knows about one in-flight request."""
+
+    obj: GenerateInput
+    prompt_ids: list[int]
+    created: float = field(default_factory=time.monotonic)
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    pending: list[StrOutput] = field(default_factory=list)
+    finished: bool = False
+    text: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list = field(default_factory=list)
+    output_top_logprobs: list = field(default_factory=list)
+    input_logprobs: list | None = None
+    input_top_logprobs: list | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    last_token_time: float | None = None
+
+
+@dataclass
+class MetricsHooks:
+    """Callables the tokenizer side reports to (Prometheus lives in entrypoints/metrics.py)."""
+
+    on_request: Callable[[str], None] = lambda model: None
+    on_first_token: Callable[[str, float], None] = lambda model, s: None
+    on_inter_token: Callable[[str, float], None] = lambda model, s: None
+    on_finish: Callable[[str, dict, int, int], None] = lambda model, reason, p, c: None
+
+
+class MultiModelTokenizerManager:
+    def __init__(
+        self,
+        models: dict[str, ModelInfo],
+        tokenizers: dict[str, Any],
+        send_addr: str,
+        recv_addr: str,
+        metrics: MetricsHooks | None = None,
+    ) -> None:
+        self.models = models
+        self.tokenizers = tokenizers
+        self.send_addr, self.recv_addr = send_addr, recv_addr
+        self.metrics = metrics or MetricsHooks()
+        self.rid_to_state: dict[str, ReqState] = {}
+        self.control_futures: dict[str, asyncio.Future] = {}
+        self._ids = itertools.count()
+        self.dispatch = {
+            BatchStrOutput: self.handle_batch_str_output,
+            SchedulerInfoReqOutput: self.handle_control_output,
+            FlushCacheReqOutput: self.handle_control_output,
+        }
+
+    @property
+    def default_model(self) -> str:
+        return next(iter(self.models))
+
+    async def start(self) -> None:
+        """Open the sockets and start the receive loop (call inside the server's event loop)."""
+        self.context = zmq.asyncio.Context(2)
+        self.receiver = self.context.socket(zmq.PULL)
+        self.receiver.bind(self.recv_addr)
+        self.sender = self.context.socket(zmq.PUSH)
+        self.sender.connect(self.send_addr)
+        self.loop_task = asyncio.create_task(self.handle_loop())
+
+    async def stop(self) -> None:
+        self.loop_task.cancel()
+        self.context.destroy(linger=0)
+
+    async def handle_loop(self) -> None:
+        while True:
+            msg = await self.receiver.recv_pyobj()
+            try:
+                self.dispatch[type(msg)](msg)
+            except Exception:  # one bad message must not kill the loop
+                logger.exception("failed to handle %s", type(msg).__name__)
+
+    # ---- generation ---------------------------------------------------------------------
+    def resolve_model(self, name: str | None) -> str:
+        name = name or self.default_model
+        if name not in self.models:
+            raise RequestError(
+                f"The model `{name}` does not exist. Hosted models: {', '.join(self.models)}",
+                404,
+                "NotFoundError",
+                "model",
+            )
+        return name
+
+    def tokenize(self, obj: GenerateInput) -> list[int]:
+        if obj.input_ids is not None:
+            ids = list(obj.input_ids)
+        elif obj.text is not None:
+            ids = self.tokenizers[obj.model].encode(obj.text)
+        else:
+            raise RequestError("either `text` or `input_ids` is required", param="text")
+        info = self.models[obj.model]
+        if not ids:
+            raise RequestError("the prompt is empty", param="prompt")
+        if len(ids) >= info.context_len:
+            raise RequestError(
+                f"This model's maximum context length is {info.context_len} tokens, "
+                f"but the prompt has {len(ids)} tokens (model {obj.model!r})",
+                param="prompt",
+            )
+        if any(not isinstance(t, int) or t < 0 or t >= info.vocab_size for t in ids):
+            raise RequestError(f"input_ids must be integers in [0, {info.vocab_size})", param="input_ids")
+        return ids
+
+    def submit(self, obj: GenerateInput) -> ReqState:
+        """Validate, tokenize and send one request; raises RequestError before anything is sent."""
+        obj.model = self.resolve_model(obj.model)
+        try:
+            SamplingParams.from_dict(obj.sampling_params)
+        except (InvalidRequestError, TypeError) as e:
+            raise RequestError(str(e), param="sampling_params") from e
+        ids = self.tokenize(obj)
+        obj.rid = obj.rid or f"{uuid.uuid4().hex}-{next(self._ids)}"
+        if obj.rid in self.rid_to_state:
+            raise RequestError(f"duplicate request id {obj.rid!r}", param="rid")
+        state = ReqState(obj, ids)
+        self.rid_to_state[obj.rid] = state
+        start = obj.logprob_start_len
+        if obj.return_logprob and start < 0:
+            start = len(ids) - 1  # SGLang's default: only the last prompt position
+        self.sender.send_pyobj(
+            TokenizedGenerateReqInput(
+                obj.rid,
+                obj.model,
+                ids,
+                obj.sampling_params,
+                obj.return_logprob,
+                start,
+                obj.top_logprobs_num,
+            )
+        )
+        self.metrics.on_request(obj.model)
+        return state
+
+    async def generate_request(
+        self, obj: GenerateInput, is_disconnected: Callable | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Submit one request and yield its cumulative results (see `wait_for`)."""
+        state = self.submit(obj)
+        async for result in self.wait_for(state, is_disconnected):
+            yield result
+
+    async def wait_for(
+        self, state: ReqState, is_disconnected: Callable | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Yield cumulative SGLang-shaped results until the request finishes; abort it if we stop early."""
+        rid = state.obj.rid
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(state.event.wait(), timeout=1.0)
+                except TimeoutError:
+                    if is_disconnected is not None and await is_disconnected():
+                        logger.info("client disconnected; abort %s", rid)
+                        return
+                    continue
+                state.event.clear()
+                outs, state.pending = state.pending, []
+                for out in outs:
+                    self.apply_output(state, out)
+                yield self.result(state)
+                if state.finished:
+                    return
+        finally:
+            if not state.finished:
+                self.abort_request(rid)
+            self.rid_to_state.pop(rid, None)
+
+    async def collect(self, state: ReqState, is_disconnected: Callable | None = None) -> dict[str, Any]:
+        """Run a submitted request to completion and return its final result."""
+        final: dict[str, Any] = {}
+        async for result in self.wait_for(state, is_disconnected):
+            final = result
+        return final
+
+    def submit_all(self, objs: list[GenerateInput]) -> list[ReqState]:
+        """Submit a batch atomically: if one is invalid, the ones already sent are aborted."""
+        states: list[ReqState] = []
+        try:
+            for obj in objs:
+                states.append(self.submit(obj))
+        except RequestError:
+            for s in states:
+                self.abort_request(s.obj.rid)
+            raise
+        return states
+
+    def abort_request(self, rid: str) -> None:
+        if self.rid_to_state.pop(rid, None) is not None:
+            self.sender.send_pyobj(AbortReq(rid))
+
+    def handle_batch_str_output(self, batch: BatchStrOutput) -> None:
+        for out in batch.outputs:
+            state = self.rid_to_state.get(out.rid)
+            if state is None:
+                continue  # aborted by us; late output
+            state.pending.append(out)
+            state.event.set()
+
+    def apply_output(self, state: ReqState, out: StrOutput) -> None:
+        now = time.monotonic()
+        model = state.obj.model
+        if out.new_token_ids:
+            if state.last_token_time is None:
+                self.metrics.on_first_token(model, now - state.created)
+            else:
+                self.metrics.on_inter_token(model, (now - state.last_token_time) / len(out.new_token_ids))
+            state.last_token_time = now
+        state.text = out.text
+        state.output_ids += out.new_token_ids
+        state.output_logprobs += out.new_logprobs
+        state.output_top_logprobs += out.new_top_logprobs
+        if out.input_logprobs is not None:
+            state.input_logprobs, state.input_top_logprobs = out.input_logprobs, out.input_top_logprobs
+        state.meta = {
+            "id": out.rid,
+            "model": model,
+            "finish_reason": out.finish_reason if out.finished else None,
+            "prompt_tokens": out.prompt_tokens,
+            "completion_tokens": out.completion_tokens,
+            "cached_tokens": out.cached_tokens,
+            "num_retractions": out.num_retractions,
+            "e2e_latency": now - state.created,
+        }
+        if out.finished:
+            state.finished = True
+            reason = out.finish_reason or {}
+            self.metrics.on_finish(model, reason, out.prompt_tokens, out.completion_tokens)
+            if reason.get("status_code"):
+                raise RequestError(reason.get("message", "bad request"), reason["status_code"])
+
+    def result(self, state: ReqState) -> dict[str, Any]:
+        meta = dict(state.meta)
+        obj = state.obj
+        if obj.return_logprob:
+            fmt = self._logprob_formatter(obj)
+            meta["input_token_logprobs"] = [fmt(lp, t) for lp, t in (state.input_logprobs or [])]
+            meta["output_token_logprobs"] = [fmt(lp, t) for lp, t in state.output_logprobs]
+            if obj.top_logprobs_num:
+                meta["input_top_logprobs"] = [
+                    None if row is None else [fmt(lp, t) for lp, t in row]
+                    for row in (state.input_top_logprobs or [])
+                ]
+                meta["output_top_logprobs"] = [
+                    [fmt(lp, t) for lp, t in row] for row in state.output_top_logprobs
+                ]
+        return {"text": state.text, "output_ids": list(state.output_ids), "meta_info": meta}
+
+    def _logprob_formatter(self, obj: GenerateInput) -> Callable[[float | None, int], list]:
+        tok = self.tokenizers[obj.model]
+        if obj.return_text_in_logprobs:
+            return lambda lp, t: [lp, t, tok.decode([t])]
+        return lambda lp, t: [lp, t, None]
+
+    # ---- control ------------------------------------------------------------------------
+    async def control(self, msg_type: type, timeout: float = 10.0) -> Any:
+        req_id = uuid.uuid4().hex
+        fut = asyncio.get_running_loop().create_future()
+        self.control_futures[req_id] = fut
+        self.sender.send_pyobj(msg_type(req_id))
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self.control_futures.pop(req_id, None)
+
+    async def get_scheduler_info(self) -> dict[str, Any]:
+        return (await self.control(SchedulerInfoReqInput)).info
+
+    async def flush_cache(self) -> bool:
+        return (await self.control(FlushCacheReqInput)).success
+
+    def handle_control_output(self, msg: SchedulerInfoReqOutput | FlushCacheReqOutput) -> None:
+        fut = self.control_futures.get(msg.req_id)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)

@@ -1,0 +1,1 @@
+"""Triton kernels (fused MoE over the weights pool, paged decode attention) with torch references."""
