@@ -25,7 +25,9 @@ def test_batched_and_chunked_equal_one_by_one(engine, tiny_models):
     alone = [engine.generate(prompt=p, model="moe", sampling_params=GREEDY)["output_ids"] for p in PROMPTS]
     batched = engine.generate(prompt=PROMPTS, model="moe", sampling_params=GREEDY)
     assert [o["output_ids"] for o in batched] == alone
-    chunked = Engine(models={"moe": str(tiny_models["qwen3_moe"])}, show_progress=False, chunked_prefill_size=3)
+    chunked = Engine(
+        models={"moe": str(tiny_models["qwen3_moe"])}, show_progress=False, chunked_prefill_size=3
+    )
     assert [o["output_ids"] for o in chunked.generate(prompt=PROMPTS, sampling_params=GREEDY)] == alone
 
 
@@ -50,8 +52,10 @@ def test_request_larger_than_pool_is_rejected_not_queued_forever(tiny_models):
     probe = Engine(models={"moe": str(tiny_models["qwen3_moe"])}, show_progress=False)
     page = probe.runtime.kv_pool.page_bytes("moe")
     tiny = Engine(
-        models={"moe": str(tiny_models["qwen3_moe"])}, show_progress=False,
-        kv_pool_bytes=8 * page, kv_chunk_bytes=8 * page,
+        models={"moe": str(tiny_models["qwen3_moe"])},
+        show_progress=False,
+        kv_pool_bytes=8 * page,
+        kv_chunk_bytes=8 * page,
     )
     out = tiny.generate(prompt="word " * 300, sampling_params={"max_new_tokens": 4})
     assert out["meta_info"]["finish_reason"]["type"] == "abort"
@@ -61,7 +65,9 @@ def test_request_larger_than_pool_is_rejected_not_queued_forever(tiny_models):
 
 def test_abort_frees_pages(engine):
     sched = engine.scheduler
-    req = Req(rid="to-abort", model="mix", input_ids=[5, 6, 7, 8] * 10, params=SamplingParams(max_new_tokens=50))
+    req = Req(
+        rid="to-abort", model="mix", input_ids=[5, 6, 7, 8] * 10, params=SamplingParams(max_new_tokens=50)
+    )
     sched.add_request(req)
     for _ in range(3):
         sched.step()
@@ -75,7 +81,14 @@ def test_abort_frees_pages(engine):
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
-    params = {"temperature": 0.9, "top_p": 0.9, "top_k": 50, "min_p": 0.01, "seed": 1234, "max_new_tokens": 16}
+    params = {
+        "temperature": 0.9,
+        "top_p": 0.9,
+        "top_k": 50,
+        "min_p": 0.01,
+        "seed": 1234,
+        "max_new_tokens": 16,
+    }
     a = engine.generate(prompt="the cat", model="moe", sampling_params=params)["output_ids"]
     b = engine.generate(prompt=["the cat", "x y z"], model="moe", sampling_params=params)[0]["output_ids"]
     c = engine.generate(prompt="the cat", model="moe", sampling_params={**params, "seed": 99})["output_ids"]

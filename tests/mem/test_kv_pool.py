@@ -49,7 +49,7 @@ def test_pages_of_different_models_never_overlap_in_bytes():
             for p in g
         ]
         spans.sort()
-        for (s1, e1, m1), (s2, e2, m2) in zip(spans, spans[1:], strict=False):
+        for (_, e1, m1), (s2, _, m2) in zip(spans, spans[1:], strict=False):
             assert e1 <= s2, f"{m1} and {m2} pages overlap"
     for model, groups in held.items():
         for g in groups:
