@@ -16,14 +16,15 @@ from typing import Any
 
 from crosspool_sgl.managers.req import Req, ReqOutput
 from crosspool_sgl.managers.runtime import Runtime, build_runtime
+from crosspool_sgl.mem.residency_manager import models_with_requests
 from crosspool_sgl.sampling_params import InvalidRequestError, SamplingParams
-from crosspool_sgl.server_args import EngineArgs, KVPoolArgs, ModelSpec, SchedulerArgs
+from crosspool_sgl.server_args import EngineArgs, KVPoolArgs, ModelSpec, SchedulerArgs, WeightPoolArgs
 
 
 class Engine:
     def __init__(
         self,
-        models: dict[str, str],
+        models: dict[str, str | dict],
         device: str = "cpu",
         dtype: str = "auto",
         kv_pool_bytes: int | None = None,
@@ -32,19 +33,25 @@ class Engine:
         attention_backend: str = "auto",
         max_running_requests: int = 64,
         chunked_prefill_size: int = 1024,
+        kv_partition: str = "shared",
+        prefix_cache: bool = True,
+        max_resident_bytes: int | None = None,
+        keep_alive_s: float | None = None,
+        page_in_bytes_per_step: int | None = 64 << 20,
         show_progress: bool = True,
     ) -> None:
+        """`models` maps a name to an HF directory, or to a dict of ModelSpec fields
+        (path, kv_floor_bytes, kv_ceiling_bytes, ttft_ms, tbt_ms, keep_alive_s)."""
         if not models:
             raise ValueError("Engine needs at least one model: models={'name': '/path/to/hf_dir'}")
         self.args = EngineArgs(
-            models=tuple(ModelSpec(n, str(p)) for n, p in models.items()),
+            models=tuple(_model_spec(n, v) for n, v in models.items()),
             device=device,
             dtype=dtype,
             attention_backend=attention_backend,
-            kv_pool=KVPoolArgs(
-                total_bytes=kv_pool_bytes, page_tokens=page_tokens, chunk_bytes=kv_chunk_bytes
-            ),
+            kv_pool=KVPoolArgs(kv_pool_bytes, page_tokens, kv_chunk_bytes, kv_partition, prefix_cache),
             scheduler=SchedulerArgs(max_running_requests, chunked_prefill_size),
+            weight_pool=WeightPoolArgs(max_resident_bytes, keep_alive_s, page_in_bytes_per_step),
             show_progress=show_progress,
         )
         self.runtime: Runtime = build_runtime(self.args)
@@ -91,6 +98,11 @@ class Engine:
         for req in list(self.scheduler.waiting) + list(self.scheduler.running):
             self.scheduler.abort(req.rid)
 
+    def poll_residency(self) -> set[str]:
+        """Between steps: expire keep-alives, evict/page in experts; returns the models ready to run."""
+        sched = self.scheduler
+        return self.runtime.residency.poll(models_with_requests(sched.running, sched.waiting))
+
     def __enter__(self) -> Engine:
         return self
 
@@ -110,6 +122,7 @@ class Engine:
             "weight_pool": {
                 "used_bytes": self.runtime.weight_pool.used_bytes,
                 "model_bytes": dict(self.runtime.weight_pool.model_bytes),
+                **self.runtime.residency.snapshot(),
             },
         }
 
@@ -139,6 +152,7 @@ class Engine:
         start = time.monotonic()
         pending = {r.rid for r in reqs}
         while pending:
+            self.poll_residency()
             outputs: list[ReqOutput] = self.scheduler.step()
             pending -= {o.rid for o in outputs if o.finished}
         return [self._result(r, time.monotonic() - start) for r in reqs]
@@ -157,6 +171,7 @@ class Engine:
             "completion_tokens": len(ids),
             "finish_reason": req.finish_reason,
             "num_retractions": req.num_retractions,
+            "cached_tokens": req.cached_tokens,
             "e2e_latency": latency,
         }
         if req.return_logprob:
@@ -167,6 +182,12 @@ class Engine:
                     [(lp, t, None) for lp, t in row] for row in req.output_top_logprobs
                 ]
         return {"text": text, "output_ids": list(ids), "meta_info": meta}
+
+
+def _model_spec(name: str, value: str | dict) -> ModelSpec:
+    if isinstance(value, dict):
+        return ModelSpec(name, str(value["path"]), **{k: v for k, v in value.items() if k != "path"})
+    return ModelSpec(name, str(value))
 
 
 def _as_list(x, single: bool) -> list:

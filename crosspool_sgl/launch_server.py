@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import multiprocessing as mp
 import shutil
 import signal
@@ -20,17 +21,26 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from crosspool_sgl.models.config import UnsupportedModelError, load_model_config
-from crosspool_sgl.server_args import EngineArgs, KVPoolArgs, ModelSpec, SchedulerArgs, ServerArgs
+from crosspool_sgl.server_args import (
+    DisaggArgs,
+    EngineArgs,
+    KVPoolArgs,
+    ModelSpec,
+    SchedulerArgs,
+    ServerArgs,
+    WeightPoolArgs,
+)
 
 logger = logging.getLogger("crosspool_sgl.launch_server")
 
 DEMO_MODELS = ("qwen3_moe", "mixtral", "llama")
 _SIZE_SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_TIME_SUFFIX = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 class StartupError(RuntimeError):
@@ -44,6 +54,24 @@ def parse_bytes(text: str | int) -> int:
     return int(float(s[:-1] if mult > 1 else s) * mult)
 
 
+def parse_seconds(text: str | float) -> float:
+    """'30', '30s', '5m', '1.5h', 'never' (inf: never evicted for being idle) -> seconds."""
+    s = str(text).strip().lower()
+    if s in ("never", "inf", "forever"):
+        return math.inf
+    for suffix in sorted(_TIME_SUFFIX, key=len, reverse=True):
+        if s.endswith(suffix):
+            return float(s.removesuffix(suffix)) * _TIME_SUFFIX[suffix]
+    return float(s)
+
+
+# `--model NAME=DIR,key=value,...` and [[model]] table keys -> (ModelSpec field, parser)
+MODEL_OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "keep_alive": ("keep_alive_s", parse_seconds),
+    "keep_alive_s": ("keep_alive_s", parse_seconds),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m crosspool_sgl.launch_server",
@@ -53,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         action="append",
         default=[],
-        metavar="NAME=DIR",
-        help="a model to host: client-facing name and Hugging Face directory (repeatable). "
-        f"With none, tiny demo models are served: {', '.join(DEMO_MODELS)}",
+        metavar="NAME=DIR[,keep_alive=30s]",
+        help="a model to host: client-facing name and Hugging Face directory (repeatable), then "
+        "per-model options. With none, tiny demo models are served: " + ", ".join(DEMO_MODELS),
     )
     p.add_argument(
         "--config",
@@ -71,7 +99,12 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     """Where to serve and how to size the engine (also settable from --config)."""
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=30000, help="HTTP port (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="torch device for the models and pools, e.g. cpu, cuda:0")
+    p.add_argument(
+        "--device",
+        "--attn-device",
+        default="cpu",
+        help="torch device for the models and pools (the attention side with --ffn-workers), e.g. cuda:0",
+    )
     p.add_argument(
         "--dtype",
         default="auto",
@@ -112,7 +145,29 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         default=1024,
         help="new tokens per scheduler step, prefill chunks and decodes together (default: %(default)s)",
     )
+    add_weight_pool_flags(p)
     add_process_flags(p)
+    add_disagg_flags(p)
+
+
+def add_weight_pool_flags(p: argparse.ArgumentParser) -> None:
+    """Bound of the weights pool and when idle models' experts go to host memory."""
+    p.add_argument(
+        "--max-resident-bytes",
+        type=parse_bytes,
+        default=None,
+        help="most bytes of expert/FFN weights in the weights pool, e.g. 2G; colder models are "
+        "evicted to (pinned) host memory, least recently used first (default: no bound)",
+    )
+    p.add_argument(
+        "--keep-alive-s",
+        "--keep-alive",
+        dest="keep_alive_s",
+        type=parse_seconds,
+        default=None,
+        help="idle time after which a model's experts are evicted to host memory, e.g. 30s, 5m; "
+        "per model: --model NAME=DIR,keep_alive=... (default: evict only when room is needed)",
+    )
 
 
 def add_process_flags(p: argparse.ArgumentParser) -> None:
@@ -140,7 +195,7 @@ def add_process_flags(p: argparse.ArgumentParser) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
     parser = build_parser()
     args = parser.parse_args(argv)
-    config_models: list[tuple[str, str]] = []
+    config_models: list[ModelSpec] = []
     if args.config:
         cfg = tomllib.loads(Path(args.config).read_text())
         config_models = _config_models(cfg)
@@ -150,10 +205,12 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
             parser.error(f"{args.config}: unknown keys {sorted(unknown)}")
         parser.set_defaults(**{k: v for k, v in cfg.items() if k in known and k not in ("model", "config")})
         args = parser.parse_args(argv)
-        for key in ("kv_pool_bytes", "kv_chunk_bytes"):
+        for key in ("kv_pool_bytes", "kv_chunk_bytes", "max_resident_bytes"):
             if isinstance(getattr(args, key), str):
                 setattr(args, key, parse_bytes(getattr(args, key)))
-    specs = [ModelSpec(n, p) for n, p in config_models] + [_model_flag(parser, m) for m in args.model]
+        if isinstance(args.keep_alive_s, str):
+            args.keep_alive_s = parse_seconds(args.keep_alive_s)
+    specs = config_models + [_model_flag(parser, m) for m in args.model]
     if not specs:
         from crosspool_sgl.tools.make_tiny_models import ensure_tiny_models
 
@@ -166,22 +223,89 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
         attention_backend=args.attention_backend,
         kv_pool=KVPoolArgs(args.kv_pool_bytes, args.page_tokens, args.kv_chunk_bytes),
         scheduler=SchedulerArgs(args.max_running_requests, args.chunked_prefill_size),
+        weight_pool=WeightPoolArgs(args.max_resident_bytes, args.keep_alive_s),
         show_progress=False,
+        disagg=_disagg_args(args),
     )
     return ServerArgs(engine, args.host, args.port, args.log_level, args.num_threads, args.startup_timeout)
 
 
+def add_disagg_flags(p: argparse.ArgumentParser) -> None:
+    """Attention-FFN disaggregation (crosspool_sgl/disagg/README.md)."""
+    p.add_argument(
+        "--ffn-workers",
+        type=int,
+        default=0,
+        help="FFN worker processes holding the weights pool; 0 runs the FFN here (colocated, default)",
+    )
+    p.add_argument(
+        "--ffn-devices",
+        default="",
+        help="comma-separated devices of the FFN workers, one per worker or one for all (default: --device)",
+    )
+    p.add_argument(
+        "--micro-batches",
+        type=int,
+        default=0,
+        help="micro-batches per step in the layer-wise pipeline; 0 picks by batch size (default)",
+    )
+    p.add_argument(
+        "--ffn-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for a layer's FFN output before a worker is dead (default: %(default)s)",
+    )
+    p.add_argument("--ffn-num-threads", type=int, default=None, help="torch threads per FFN worker")
+
+
+def _disagg_args(args: argparse.Namespace) -> DisaggArgs:
+    devices = tuple(d.strip() for d in str(args.ffn_devices or "").split(",") if d.strip())
+    return DisaggArgs(args.ffn_workers, devices, args.micro_batches, args.ffn_timeout, args.ffn_num_threads)
+
+
 def _model_flag(parser: argparse.ArgumentParser, value: str) -> ModelSpec:
-    name, sep, path = value.partition("=")
+    """NAME=DIR[,key=value...]; keys from MODEL_OPTIONS."""
+    head, *opts = value.split(",")
+    name, sep, path = head.partition("=")
     if not sep or not name or not path:
-        parser.error(f"--model expects NAME=DIR, got {value!r}")
-    return ModelSpec(name, path)
+        parser.error(f"--model expects NAME=DIR[,key=value...], got {value!r}")
+    options = {}
+    for opt in opts:
+        key, sep, val = opt.partition("=")
+        if not sep:
+            parser.error(f"--model {name}: option {opt!r} is not key=value")
+        options[key.strip()] = val.strip()
+    try:
+        return ModelSpec(name, path, **_model_options(name, options))
+    except ValueError as e:
+        parser.error(str(e))
 
 
-def _config_models(cfg: dict[str, Any]) -> list[tuple[str, str]]:
+def _model_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Per-model options -> ModelSpec fields; ValueError names the model and the key."""
+    out = {}
+    for key, val in options.items():
+        if key not in MODEL_OPTIONS:
+            raise ValueError(f"model {name}: unknown option {key!r} (known: {', '.join(MODEL_OPTIONS)})")
+        field_name, parse = MODEL_OPTIONS[key]
+        try:
+            out[field_name] = parse(val)
+        except ValueError as e:
+            raise ValueError(f"model {name}: bad {key}={val!r}: {e}") from e
+    return out
+
+
+def _config_models(cfg: dict[str, Any]) -> list[ModelSpec]:
     tables = cfg.get("model", [])
-    out = [(t["name"], t["path"]) for t in tables]
-    out += list((cfg.get("models") or {}).items())  # [models] name = "path"
+    out = [
+        ModelSpec(
+            t["name"],
+            t["path"],
+            **_model_options(t["name"], {k: v for k, v in t.items() if k not in ("name", "path")}),
+        )
+        for t in tables
+    ]
+    out += [ModelSpec(n, p) for n, p in (cfg.get("models") or {}).items()]  # [models] name = "path"
     return out
 
 

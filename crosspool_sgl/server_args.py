@@ -11,6 +11,11 @@ class ModelSpec:
 
     name: str
     path: str
+    keep_alive_s: float | None = None  # per-model override of WeightPoolArgs.keep_alive_s
+    kv_floor_bytes: int = 0  # KV bytes guaranteed to this model
+    kv_ceiling_bytes: int | None = None  # most KV bytes this model may hold; None: the whole pool
+    ttft_ms: float | None = None  # SLO targets: order admission and preemption
+    tbt_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -18,6 +23,20 @@ class KVPoolArgs:
     total_bytes: int | None = None  # None: a default sized for the device
     page_tokens: int = 16
     chunk_bytes: int | None = None  # None: 2 MiB on GPU (VMM granularity), smaller on CPU
+    partition: str = "shared"  # "shared" (CrossPool) or "static" (equal per-model shares, for comparison)
+    prefix_cache: bool = True
+
+
+@dataclass(frozen=True)
+class WeightPoolArgs:
+    """Bound of the weights pool and when idle models' experts leave it (see mem/residency.py)."""
+
+    max_resident_bytes: int | None = None  # None: every model stays resident
+    keep_alive_s: float | None = None  # idle seconds before eviction to host; None: only for room
+    page_in_bytes_per_step: int | None = 64 << 20  # CPU: bytes paged in between two steps
+
+    def keep_alive_for(self, spec: ModelSpec) -> float | None:
+        return spec.keep_alive_s if spec.keep_alive_s is not None else self.keep_alive_s
 
 
 @dataclass(frozen=True)
@@ -27,14 +46,27 @@ class SchedulerArgs:
 
 
 @dataclass(frozen=True)
+class DisaggArgs:
+    """Attention-FFN disaggregation (crosspool_sgl/disagg): 0 FFN workers = colocated."""
+
+    ffn_workers: int = 0  # FFN worker processes holding the weights pool
+    ffn_devices: tuple[str, ...] = ()  # one per worker (or one for all); empty: the engine's device
+    micro_batches: int = 0  # per step and layer; 0: chosen by batch size (1 for a tiny batch)
+    ffn_timeout_s: float = 60.0  # longest wait for one layer's FFN output before the worker counts as dead
+    ffn_num_threads: int | None = None  # torch threads per FFN worker; None: torch's default
+
+
+@dataclass(frozen=True)
 class EngineArgs:
     models: tuple[ModelSpec, ...]
     device: str = "cpu"
     dtype: str = "auto"
     attention_backend: str = "auto"
     kv_pool: KVPoolArgs = field(default_factory=KVPoolArgs)
+    weight_pool: WeightPoolArgs = field(default_factory=WeightPoolArgs)
     scheduler: SchedulerArgs = field(default_factory=SchedulerArgs)
     show_progress: bool = True
+    disagg: DisaggArgs = field(default_factory=DisaggArgs)
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,39 @@ class ServerMetrics:
         self.kv_pool_free = Gauge("crosspool_kv_pool_free_bytes", "Unowned KV arena bytes", registry=r)
         self.kv_pool_total = Gauge("crosspool_kv_pool_total_bytes", "KV arena bytes", registry=r)
         self.weights = Gauge("crosspool_weights_pool_bytes", "Weights pool bytes", ["model"], registry=r)
+        self.init_residency_metrics()
+
+    def init_residency_metrics(self) -> None:
+        """Weights residency: counters mirror the scheduler's running totals (incremented by delta)."""
+        r = self.registry
+        self.evictions = Counter(
+            "crosspool_weights_evictions", "Models evicted to host memory", ["model"], registry=r
+        )
+        self.reloads = Counter(
+            "crosspool_weights_reloads", "Models paged back into the weights pool", ["model"], registry=r
+        )
+        self.resident = Gauge(
+            "crosspool_weights_resident_bytes",
+            "Expert bytes resident in the weights pool",
+            ["model"],
+            registry=r,
+        )
+        self.host = Gauge(
+            "crosspool_weights_host_bytes", "Expert bytes held in host memory", ["model"], registry=r
+        )
+        self.pinned = Gauge(
+            "crosspool_weights_pinned_host_bytes", "Pinned host bytes of evicted experts", registry=r
+        )
+        self.planner_decisions = Counter(
+            "crosspool_kv_planner_decisions",
+            "KV planner decisions: reclaim (cached pages evicted), preempt (requests retracted)",
+            ["decision", "model"],
+            registry=r,
+        )
+        self.prefix_cached = Gauge(
+            "crosspool_kv_prefix_cached_pages", "KV pages held by the prefix cache", ["model"], registry=r
+        )
+        self._seen: dict[tuple[str, str], int] = {}
 
     def hooks(self) -> MetricsHooks:
         return MetricsHooks(
@@ -87,6 +120,32 @@ class ServerMetrics:
             self.running.labels(model).set(info["num_running"].get(model, 0))
         for model, n in info["weight_pool"]["model_bytes"].items():
             self.weights.labels(model).set(n)
+        self._update_residency(info["weight_pool"])
+        self._update_planner(info)
+
+    def _update_planner(self, info: dict[str, Any]) -> None:
+        for decision, per_model in info.get("planner_decisions", {}).items():
+            for model, total in per_model.items():
+                delta = total - self._seen.get((decision, model), 0)
+                if delta > 0:
+                    self.planner_decisions.labels(decision, model).inc(delta)
+                self._seen[(decision, model)] = total
+        for model, n in info.get("prefix_cache", {}).get("cached_pages", {}).items():
+            self.prefix_cached.labels(model).set(n)
+
+    def _update_residency(self, wp: dict[str, Any]) -> None:
+        if "evictions" not in wp:
+            return
+        for key, counter in (("evictions", self.evictions), ("reloads", self.reloads)):
+            for model, total in wp[key].items():
+                delta = total - self._seen.get((key, model), 0)
+                if delta > 0:
+                    counter.labels(model).inc(delta)
+                self._seen[(key, model)] = total
+        for model, n in wp["resident_bytes"].items():
+            self.resident.labels(model).set(n)
+            self.host.labels(model).set(wp["host_bytes"].get(model, 0))
+        self.pinned.set(wp["pinned_host_bytes"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -16,6 +16,7 @@ from crosspool_sgl.layers.attention.base import AttentionMetadata
 from crosspool_sgl.layers.sampler import SamplingRow, sample, token_logprobs
 from crosspool_sgl.managers.req import Req
 from crosspool_sgl.mem.kv_pool import KVPool
+from crosspool_sgl.mem.residency_manager import ResidencyManager
 from crosspool_sgl.models.decoder import DecoderModel
 
 
@@ -31,15 +32,24 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, models: dict[str, DecoderModel], kv_pool: KVPool, device: torch.device) -> None:
+    def __init__(
+        self,
+        models: dict[str, DecoderModel],
+        kv_pool: KVPool,
+        device: torch.device,
+        residency: ResidencyManager | None = None,
+    ) -> None:
         self.models = models
         self.kv_pool = kv_pool
         self.device = device
+        self.residency = residency
 
     def run(self, items: list[tuple[Req, int]]) -> dict[str, StepResult]:
         by_model: dict[str, list[tuple[Req, int]]] = {}
         for req, n in items:
             by_model.setdefault(req.model, []).append((req, n))
+        if self.residency is not None:  # fallback: the scheduler should only run ready models
+            self.residency.ensure_resident(by_model, wait=True)
         results: dict[str, StepResult] = {}
         for model, group in by_model.items():
             results.update(self._run_model(self.models[model], group))

@@ -35,6 +35,8 @@ class Req:
     state: ReqState = ReqState.WAITING
     finish_reason: dict | None = None
     num_retractions: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    cache_nodes: list = field(default_factory=list)  # PrefixNodes whose pages lead `pages`
     generator: torch.Generator | None = None
 
     # logprobs: (logprob, token id) pairs; top-n lists of (logprob, token id)

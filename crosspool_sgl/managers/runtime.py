@@ -10,15 +10,21 @@ from dataclasses import dataclass
 
 import torch
 
+from crosspool_sgl.disagg.setup import start_ffn_side
 from crosspool_sgl.layers.attention import create_attention_backend
 from crosspool_sgl.managers.model_runner import ModelRunner
 from crosspool_sgl.managers.schedule_policy import PolicyArgs, SchedulePolicy
 from crosspool_sgl.managers.scheduler import MultiModelScheduler
+from crosspool_sgl.mem.kv_planner import KVPlanner, ModelKVPolicy
 from crosspool_sgl.mem.kv_pool import KVGeometry, KVPool
+from crosspool_sgl.mem.prefix_cache import PrefixCache
+from crosspool_sgl.mem.residency import ResidencyPolicy
+from crosspool_sgl.mem.residency_manager import ResidencyManager
 from crosspool_sgl.mem.weight_pool import WeightPool
+from crosspool_sgl.mem.weight_store import WeightStore
 from crosspool_sgl.models.config import ModelConfig, load_model_config
 from crosspool_sgl.models.decoder import DecoderModel
-from crosspool_sgl.models.loader import load_model
+from crosspool_sgl.models.loader import ffn_elements, load_model
 from crosspool_sgl.server_args import EngineArgs
 
 logger = logging.getLogger(__name__)
@@ -36,6 +42,7 @@ class Runtime:
     tokenizers: dict  # name -> transformers tokenizer
     device: torch.device
     dtype: torch.dtype
+    residency: ResidencyManager | None = None
 
 
 def resolve_dtype(name: str, configs: dict[str, dict]) -> torch.dtype:
@@ -77,29 +84,46 @@ def build_runtime(args: EngineArgs) -> Runtime:
         raw_cfgs[spec.name] = json.loads((Path(spec.path) / "config.json").read_text())
     configs: dict[str, ModelConfig] = {s.name: load_model_config(s.path) for s in args.models}
     dtype = resolve_dtype(args.dtype, raw_cfgs)
-    weight_pool = WeightPool(dtype, device)
+    # Disaggregated mode (crosspool_sgl/disagg): FFN workers hold the weights; this side keeps slot ids.
+    ffn_side = start_ffn_side(args, dtype, device) if args.disagg.ffn_workers else None
+    if ffn_side is None:
+        weight_pool = WeightPool(dtype, device, args.weight_pool.max_resident_bytes)
+        residency = _build_residency(args, weight_pool)
+    else:
+        weight_pool, residency = ffn_side.slot_pool, None
     attn = create_attention_backend(device, args.attention_backend)
-    models = {
-        s.name: load_model(s.name, s.path, weight_pool, attn, device, dtype, args.show_progress)
-        for s in args.models
-    }
-    kv_pool = _build_kv_pool(args, configs, device, dtype, weight_pool.used_bytes)
-    runner = ModelRunner(models, kv_pool, device)
+    models = {}
+    for s in args.models:
+        if residency is not None:
+            residency.before_load(s.name, ffn_elements(configs[s.name]) * weight_pool.arena.element_size())
+        models[s.name] = load_model(s.name, s.path, weight_pool, attn, device, dtype, args.show_progress)
+        if residency is not None:
+            residency.after_load(s.name)
+    weights_bytes = args.weight_pool.max_resident_bytes or weight_pool.used_bytes
+    kv_pool = _build_kv_pool(args, configs, device, dtype, weights_bytes)
+    if ffn_side is None:
+        runner = ModelRunner(models, kv_pool, device, residency)
+    else:
+        runner = ffn_side.make_runner(models, kv_pool, device)
     tokenizers = {s.name: _load_tokenizer(s.path) for s in args.models}
+    planner = kv_pool.planner
     policy = SchedulePolicy(
         PolicyArgs(
             page_tokens=kv_pool.page_tokens,
             max_running_requests=args.scheduler.max_running_requests,
             chunked_prefill_size=args.scheduler.chunked_prefill_size,
-        )
+        ),
+        admission_key=lambda r: planner.admission_deadline(r.model, r.arrival_time),
+        victim_key=lambda r: planner.victim_key(r.model, r.arrival_time),
     )
-    scheduler = MultiModelScheduler(
+    scheduler = (ffn_side.scheduler_cls if ffn_side else MultiModelScheduler)(
         runner,
         kv_pool,
         policy,
         eos_ids={n: c.eos_token_ids for n, c in configs.items()},
         context_lens={n: c.max_position_embeddings for n, c in configs.items()},
         detokenizers={n: _decode_fn(t) for n, t in tokenizers.items()},
+        prefix_cache=PrefixCache(kv_pool, enabled=args.kv_pool.prefix_cache),
     )
     logger.info(
         "runtime ready: %d models, weights pool %.1f MiB, KV pool %.1f MiB (%d chunks of %d KiB), "
@@ -111,7 +135,18 @@ def build_runtime(args: EngineArgs) -> Runtime:
         kv_pool.chunk_bytes >> 10,
         attn.name,
     )
-    return Runtime(scheduler, kv_pool, weight_pool, models, tokenizers, device, dtype)
+    return Runtime(scheduler, kv_pool, weight_pool, models, tokenizers, device, dtype, residency)
+
+
+def _build_residency(args: EngineArgs, pool: WeightPool) -> ResidencyManager:
+    wp = args.weight_pool
+    return ResidencyManager(
+        pool,
+        WeightStore(pool),
+        ResidencyPolicy(wp.max_resident_bytes),
+        {s.name: wp.keep_alive_for(s) for s in args.models},
+        wp.page_in_bytes_per_step,
+    )
 
 
 def _build_kv_pool(args: EngineArgs, configs: dict[str, ModelConfig], device, dtype, weights_bytes) -> KVPool:
@@ -124,6 +159,12 @@ def _build_kv_pool(args: EngineArgs, configs: dict[str, ModelConfig], device, dt
     pool = KVPool(total, page_tokens=page_tokens, chunk_bytes=chunk, device=device)
     for name, geom in geoms.items():
         pool.add_model(name, geom)
+    if args.kv_pool.partition not in ("shared", "static"):
+        raise ValueError(f"unknown KV partition {args.kv_pool.partition!r} (shared, static)")
+    policies = {
+        s.name: ModelKVPolicy(s.kv_floor_bytes, s.kv_ceiling_bytes, s.ttft_ms, s.tbt_ms) for s in args.models
+    }
+    pool.planner = KVPlanner(chunk, pool.num_chunks, policies, args.kv_pool.partition == "static")
     return pool
 
 

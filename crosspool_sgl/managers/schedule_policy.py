@@ -1,13 +1,16 @@
 """Which requests run next: a pure function of the queues and a page budget (no model, no pool).
 
-Order of business each step: keep every running decode going (retracting the
-youngest requests if their pages can't be found), continue chunked prefills,
-then admit waiting requests first-come first-served within the token budget.
+Order of business each step: keep every running decode going (retracting
+victims chosen by the KV planner — loosest TBT target, then youngest — if
+their pages can't be found), continue chunked prefills, then admit waiting
+requests in TTFT-deadline order within the token budget. When the head of
+the queue does not fit, the plan says so (`blocked`) so the scheduler can
+reclaim cached prefixes and plan again.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from crosspool_sgl.managers.req import Req
@@ -26,6 +29,7 @@ class BatchPlan:
     items: list[tuple[Req, int]] = field(default_factory=list)  # (request, new tokens this step)
     retract: list[Req] = field(default_factory=list)
     admit: list[Req] = field(default_factory=list)  # subset of items' requests that were waiting
+    blocked: tuple[Req, int] | None = None  # (request, pages) that did not fit this step
 
     @property
     def empty(self) -> bool:
@@ -37,27 +41,43 @@ def pages_for(req: Req, new_tokens: int, page_tokens: int) -> int:
     return max(0, -(-(req.num_cached + new_tokens) // page_tokens) - len(req.pages))
 
 
-class SchedulePolicy:
-    def __init__(self, args: PolicyArgs) -> None:
-        self.args = args
+def _fifo(req: Req) -> float:
+    return req.arrival_time
 
-    def next_batch(self, waiting: deque[Req], running: list[Req], budget: PageBudget) -> BatchPlan | None:
+
+class SchedulePolicy:
+    def __init__(
+        self,
+        args: PolicyArgs,
+        admission_key: Callable[[Req], float] = _fifo,
+        victim_key: Callable[[Req], tuple] = lambda r: (r.arrival_time,),
+    ) -> None:
+        self.args = args
+        self.admission_key = admission_key
+        self.victim_key = victim_key
+
+    def next_batch(self, waiting: Iterable[Req], running: list[Req], budget: PageBudget) -> BatchPlan | None:
         plan = BatchPlan()
         keep = self._schedule_running(running, budget, plan)
         tokens_left = self.args.chunked_prefill_size - sum(n for _, n in plan.items)
         for req in keep:  # unfinished chunked prefills
             if req.num_uncached > 1 and tokens_left > 0:
                 n = min(req.num_uncached, tokens_left)
-                if budget.try_take(req.model, pages_for(req, n, self.args.page_tokens)):
-                    plan.items.append((req, n))
-                    tokens_left -= n
+                need = pages_for(req, n, self.args.page_tokens)
+                if not budget.try_take(req.model, need):
+                    plan.blocked = plan.blocked or (req, need)
+                    continue
+                plan.items.append((req, n))
+                tokens_left -= n
         num_running = len(keep)
-        for req in waiting:
+        for req in sorted(waiting, key=self.admission_key):
             if tokens_left <= 0 or num_running >= self.args.max_running_requests:
                 break
             n = min(req.num_uncached, tokens_left)
-            if not budget.try_take(req.model, pages_for(req, n, self.args.page_tokens)):
-                break  # first-come first-served: don't let later requests overtake
+            need = pages_for(req, n, self.args.page_tokens)
+            if not budget.try_take(req.model, need):
+                plan.blocked = plan.blocked or (req, need)
+                break  # in deadline order: don't let later requests overtake
             plan.items.append((req, n))
             plan.admit.append(req)
             tokens_left -= n
@@ -65,18 +85,26 @@ class SchedulePolicy:
         return None if plan.empty else plan
 
     def _schedule_running(self, running: list[Req], budget: PageBudget, plan: BatchPlan) -> list[Req]:
-        """Give every running decode one token; retract the youngest until the pages fit."""
-        keep = sorted(running, key=lambda r: r.arrival_time)
+        """Give every running decode one token; retract victims until the pages fit."""
+        keep = list(running)
         decodes = [r for r in keep if r.num_uncached == 1]
         while decodes:
-            need = {}
+            need: dict[str, int] = {}
             for r in decodes:
                 need[r.model] = need.get(r.model, 0) + pages_for(r, 1, self.args.page_tokens)
-            trial = PageBudget(dict(budget.spare_pages), budget.pages_per_chunk, budget.free_chunks)
+            trial = budget.copy()
             if all(trial.try_take(m, n) for m, n in need.items()):
-                budget.spare_pages, budget.free_chunks = trial.spare_pages, trial.free_chunks
+                budget.spare_pages, budget.free_chunks, budget.owned = (
+                    trial.spare_pages,
+                    trial.free_chunks,
+                    trial.owned,
+                )
                 break
-            victim = keep.pop()  # youngest
+            if plan.blocked is None:
+                model, pages = next(iter(need.items()))
+                plan.blocked = (next(r for r in decodes if r.model == model), pages)
+            victim = max(keep, key=self.victim_key)
+            keep.remove(victim)
             plan.retract.append(victim)
             budget.give_back(victim.model, len(victim.pages))
             if victim in decodes:

@@ -2,8 +2,10 @@
 
 It is the only place that allocates or frees KV pages. The loop is::
 
+    match_prefixes(waiting)                # reuse cached pages (prefix cache)
     plan = policy.next_batch(waiting, running, page_budget(kv_pool))
-    apply(plan)                            # retract, allocate
+    if plan.blocked: reclaim(); re-plan    # cached prefixes of idle, then busy models
+    apply(plan)                            # retract (preempt), allocate
     postprocess(plan, runner.run(plan.items))
 
 Used in-process by the offline Engine and wrapped by the server's scheduler
@@ -21,6 +23,7 @@ from crosspool_sgl.managers.model_runner import ModelRunner, StepResult
 from crosspool_sgl.managers.req import Req, ReqOutput, ReqState
 from crosspool_sgl.managers.schedule_policy import BatchPlan, SchedulePolicy, pages_for
 from crosspool_sgl.mem.kv_pool import KVPool, page_budget
+from crosspool_sgl.mem.prefix_cache import PrefixCache
 from crosspool_sgl.sampling_params import InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -37,9 +40,12 @@ class MultiModelScheduler:
         eos_ids: dict[str, tuple[int, ...]],
         context_lens: dict[str, int],
         detokenizers: dict[str, Detokenize] | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.runner = runner
         self.kv_pool = kv_pool
+        self.prefix_cache = prefix_cache or PrefixCache(kv_pool, enabled=False)
+        self.counters: dict[str, dict[str, int]] = {}  # decision -> model -> count (for /metrics)
         self.policy = policy
         self.eos_ids = eos_ids
         self.context_lens = context_lens
@@ -64,6 +70,15 @@ class MultiModelScheduler:
                 f"prompt of {len(req.input_ids)} tokens exceeds model {req.model!r}'s "
                 f"context of {limit} tokens"
             )
+        planner = self.kv_pool.planner
+        if planner is not None:
+            need = -(-(len(req.input_ids) + 1) // self.kv_pool.page_tokens)
+            most = planner.max_pages(req.model, self.kv_pool.page_bytes(req.model))
+            if need > most:
+                raise InvalidRequestError(
+                    f"prompt of {len(req.input_ids)} tokens needs {need} KV pages but model "
+                    f"{req.model!r} may hold at most {most} (its KV ceiling)"
+                )
         vocab = self.runner.models[req.model].config.vocab_size
         if any(t < 0 or t >= vocab for t in req.input_ids):
             raise InvalidRequestError(f"input_ids must be in [0, {vocab}) for model {req.model!r}")
@@ -86,7 +101,10 @@ class MultiModelScheduler:
     # ---- the loop body ------------------------------------------------------------------
     def step(self) -> list[ReqOutput]:
         """One scheduling step; returns the outputs produced since the last call."""
+        self._match_prefixes()
         plan = self.policy.next_batch(self.waiting, self.running, page_budget(self.kv_pool))
+        if plan is not None and plan.blocked is not None and self._reclaim(*plan.blocked):
+            plan = self.policy.next_batch(self.waiting, self.running, page_budget(self.kv_pool))
         if plan is None:
             self._reject_unservable()
         else:
@@ -96,6 +114,56 @@ class MultiModelScheduler:
             self.num_steps += 1
         out, self._outputs = self._outputs, []
         return out
+
+    def _match_prefixes(self) -> None:
+        """Attach cached prefix pages to the waiting requests next in line (bounded: they pin pages)."""
+        room = self.policy.args.max_running_requests - len(self.running)
+        for req in sorted(self.waiting, key=self.policy.admission_key)[: max(room, 0)]:
+            if not req.pages and req.num_cached == 0:
+                req.cache_nodes = self.prefix_cache.match(req.model, req.fill_ids)
+                req.pages = [n.page for n in req.cache_nodes]
+                req.num_cached = len(req.pages) * self.kv_pool.page_tokens
+                req.cached_tokens = max(req.cached_tokens, min(req.num_cached, len(req.input_ids)))
+
+    def _unpin_waiting(self, keep: Req | None = None) -> None:
+        """Let waiting requests (other than `keep`) drop their matched prefixes so they become evictable."""
+        for req in self.waiting:
+            if req is not keep and req.pages:
+                self._release_pages(req)
+
+    def _reclaim(self, blocked: Req, pages: int) -> bool:
+        """Evict cached prefixes — idle models first, then busy ones — until `blocked` fits."""
+        self._unpin_waiting(keep=blocked)
+        busy = {r.model for r in self.running} | {r.model for r in self.waiting}
+        order = sorted(self.kv_pool.views, key=lambda m: (m in busy, m != blocked.model))
+        evicted_any = False
+        for model in order:
+            while self.prefix_cache.evictable_pages(model):
+                if page_budget(self.kv_pool).try_take(blocked.model, pages):
+                    return evicted_any
+                n = self.prefix_cache.evict(model, max(pages, 8))
+                self._count("reclaim", model, n)
+                logger.info(
+                    "reclaim %d cached pages of %s (%s) for %s",
+                    n,
+                    model,
+                    "busy" if model in busy else "idle",
+                    blocked.model,
+                )
+                evicted_any = True
+        return evicted_any
+
+    def request_pages(self, model: str | None = None) -> int:
+        """KV pages held by requests (allocated pages minus unreferenced cached prefixes)."""
+        return self.kv_pool.used_pages(model) - self.prefix_cache.evictable_pages(model)
+
+    def flush_cache(self) -> int:
+        """Drop every unreferenced cached prefix page; returns pages freed."""
+        return self.prefix_cache.flush()
+
+    def _count(self, decision: str, model: str, n: int = 1) -> None:
+        per_model = self.counters.setdefault(decision, {})
+        per_model[model] = per_model.get(model, 0) + n
 
     def apply(self, plan: BatchPlan) -> list[tuple[Req, int]]:
         """Retract, admit and allocate pages exactly as planned (the only place pages move)."""
@@ -170,29 +238,36 @@ class MultiModelScheduler:
             self.running.remove(req)
         if req in self.waiting:
             self.waiting.remove(req)
-        if req.pages:
-            self.kv_pool.free(req.model, req.pages)
-            req.pages = []
+        self._release_pages(req)
         if not already_emitted:
             self._emit(req, 1 if req.output_ids and reason["type"] != "abort" else 0)
 
     def _retract(self, req: Req) -> None:
-        """Give the pages back and requeue at the front; the tokens so far are kept."""
-        if req.pages:
-            self.kv_pool.free(req.model, req.pages)
-        req.pages, req.num_cached = [], 0
+        """Give the pages back and requeue; the tokens so far are kept (their full pages stay cached)."""
+        self._release_pages(req)
         req.state = ReqState.WAITING
         req.num_retractions += 1
         if req in self.running:
             self.running.remove(req)
         self.waiting.appendleft(req)
-        logger.info("retract %s (%s): KV pages short, %d tokens kept", req.rid, req.model, len(req.fill_ids))
+        self._count("preempt", req.model)
+        logger.info("preempt %s (%s): KV pages short, %d tokens kept", req.rid, req.model, len(req.fill_ids))
+
+    def _release_pages(self, req: Req) -> None:
+        if req.pages:
+            self.prefix_cache.release(req.model, req.fill_ids, req.pages, req.num_cached, req.cache_nodes)
+        req.pages, req.cache_nodes, req.num_cached = [], [], 0
 
     def _reject_unservable(self) -> None:
         """Nothing can run: a head-of-line request that can't fit in an empty pool never will."""
-        if self.running or not self.waiting or self.kv_pool.used_pages() > 0:
+        if self.running or not self.waiting:
             return
-        req = self.waiting[0]
+        self._unpin_waiting()
+        self.prefix_cache.flush()
+        req = min(self.waiting, key=self.policy.admission_key)
+        need = -(-len(req.fill_ids) // self.kv_pool.page_tokens) - len(req.pages)
+        if page_budget(self.kv_pool).try_take(req.model, need):
+            return  # it fits now that the cache is flushed; the next step admits it
         self._finish(
             req,
             {

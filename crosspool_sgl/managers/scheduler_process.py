@@ -27,6 +27,7 @@ from crosspool_sgl.managers.io_struct import (
 )
 from crosspool_sgl.managers.req import Req, ReqOutput
 from crosspool_sgl.managers.runtime import Runtime, build_runtime
+from crosspool_sgl.mem.residency_manager import models_with_requests
 from crosspool_sgl.sampling_params import InvalidRequestError, SamplingParams
 from crosspool_sgl.server_args import EngineArgs
 
@@ -60,10 +61,17 @@ class SchedulerServer:
         while not self.stopping:
             for msg in self.recv_all(block=not self.scheduler.has_work()):
                 self.dispatch[type(msg)](msg)
+            self.poll_residency()
             self.send_outputs(self.scheduler.step())
             if parent is not None and not parent.is_alive():
                 logger.warning("parent process is gone; scheduler exits")
                 return
+
+    def poll_residency(self) -> None:
+        """Between steps: keep-alive expiry, evictions and page-ins (also while idle)."""
+        if self.runtime.residency is not None:
+            sched = self.scheduler
+            self.runtime.residency.poll(models_with_requests(sched.running, sched.waiting))
 
     def recv_all(self, block: bool) -> list[Any]:
         msgs = []
@@ -111,8 +119,12 @@ class SchedulerServer:
             logger.info("aborted %s", msg.rid)
 
     def handle_flush_cache(self, msg: FlushCacheReqInput) -> None:
-        # No prefix cache to flush yet; pages of finished requests are already free.
-        self.sender.send_pyobj(FlushCacheReqOutput(msg.req_id, success=not self.scheduler.has_work()))
+        # Like SGLang: only flush when idle, so running requests keep their cached prefixes.
+        idle = not self.scheduler.has_work()
+        if idle:
+            freed = self.scheduler.flush_cache()
+            logger.info("flush_cache: %d cached prefix pages freed", freed)
+        self.sender.send_pyobj(FlushCacheReqOutput(msg.req_id, success=idle))
 
     def handle_info(self, msg: SchedulerInfoReqInput) -> None:
         self.sender.send_pyobj(SchedulerInfoReqOutput(msg.req_id, scheduler_info(self.runtime)))
@@ -130,17 +142,35 @@ def scheduler_info(runtime: Runtime) -> dict[str, Any]:
             "chunk_bytes": snap.chunk_bytes,
             "num_chunks": snap.num_chunks,
             "num_free_chunks": snap.num_free_chunks,
-            "used_pages": dict(snap.used_pages),
-            "used_bytes": dict(snap.used_bytes),
+            # pages held by requests; unreferenced cached prefixes are reported under prefix_cache
+            "used_pages": {m: sched.request_pages(m) for m in models},
+            "used_bytes": {m: sched.request_pages(m) * runtime.kv_pool.page_bytes(m) for m in models},
+            "allocated_pages": dict(snap.used_pages),
             "owned_bytes": dict(snap.owned_bytes),
         },
+        "planner_decisions": {d: dict(c) for d, c in sched.counters.items()},
         "weight_pool": {
             "used_bytes": runtime.weight_pool.used_bytes,
             "model_bytes": dict(runtime.weight_pool.model_bytes),
+            **(runtime.residency.snapshot() if runtime.residency is not None else {}),
         },
         "num_waiting": {m: sum(r.model == m for r in sched.waiting) for m in models},
         "num_running": {m: sum(r.model == m for r in sched.running) for m in models},
         "num_steps": sched.num_steps,
+        **_prefix_cache_info(sched, models),
+    }
+
+
+def _prefix_cache_info(sched: Any, models: list[str]) -> dict[str, Any]:
+    """Cached/evictable prefix pages per model, when the scheduler has a prefix cache."""
+    cache = getattr(sched, "prefix_cache", None)
+    if cache is None or not hasattr(cache, "cached_pages"):
+        return {}
+    return {
+        "prefix_cache": {
+            "cached_pages": {m: cache.cached_pages(m) for m in models},
+            "evictable_pages": {m: cache.evictable_pages(m) for m in models},
+        }
     }
 
 

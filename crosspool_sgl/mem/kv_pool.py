@@ -23,8 +23,12 @@ Hkv = KV heads, D = head dim.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from crosspool_sgl.mem.kv_planner import KVPlanner
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class KVGeometry:
 class _ModelView:
     """Bookkeeping for one model's view of the arena (private to KVPool)."""
 
+    name: str
     geometry: KVGeometry
     page_bytes: int
     kv: torch.Tensor  # [N, L, 2, PT, Hkv, D]
@@ -95,6 +100,7 @@ class KVPool:
         self.arena = torch.zeros(self.total_bytes, dtype=torch.uint8, device=self.device)
         self.free_chunks: set[int] = set(range(self.num_chunks))
         self.views: dict[str, _ModelView] = {}
+        self.planner: KVPlanner | None = None  # floors/ceilings; None = first come, first served
 
     # ---- models -------------------------------------------------------------------------
     def add_model(self, model: str, geometry: KVGeometry) -> torch.Tensor:
@@ -117,7 +123,7 @@ class KVPool:
             geometry.head_dim,
         )
         kv = self.arena[: num_pages * page_bytes].view(geometry.dtype).view(shape)
-        self.views[model] = _ModelView(geometry=geometry, page_bytes=page_bytes, kv=kv)
+        self.views[model] = _ModelView(name=model, geometry=geometry, page_bytes=page_bytes, kv=kv)
         return kv
 
     def kv_view(self, model: str) -> torch.Tensor:
@@ -196,10 +202,16 @@ class KVPool:
         last = min(((chunk + 1) * self.chunk_bytes - 1) // view.page_bytes, view.kv.shape[0] - 1)
         return range(first, last + 1)
 
+    def owned_chunks(self) -> dict[str, int]:
+        return {m: len(v.owned_chunks) for m, v in self.views.items()}
+
     def _claim_chunk(self, view: _ModelView) -> int | None:
         """Own one more chunk, preferring a neighbour of an owned one (fewer straddling pages lost)."""
         if not self.free_chunks:
             return None
+        if self.planner is not None:
+            if not self.planner.may_claim(view.name, self.owned_chunks(), len(self.free_chunks)):
+                return None
         neighbours = [c for o in view.owned_chunks for c in (o - 1, o + 1) if c in self.free_chunks]
         chunk = min(neighbours) if neighbours else min(self.free_chunks)
         self.free_chunks.remove(chunk)
@@ -224,6 +236,13 @@ class PageBudget:
     spare_pages: dict[str, int]
     pages_per_chunk: dict[str, int]  # lower bound of whole pages a fresh chunk yields
     free_chunks: int
+    owned: dict[str, int] = field(default_factory=dict)  # chunks per model
+    planner: KVPlanner | None = None
+
+    def copy(self) -> PageBudget:
+        return PageBudget(
+            dict(self.spare_pages), self.pages_per_chunk, self.free_chunks, dict(self.owned), self.planner
+        )
 
     def try_take(self, model: str, num_pages: int) -> bool:
         spare = self.spare_pages[model]
@@ -236,6 +255,13 @@ class PageBudget:
         chunks = -(-(num_pages - spare) // per_chunk)
         if chunks > self.free_chunks:
             return False
+        if self.planner is not None:
+            owned = dict(self.owned)
+            for i in range(chunks):
+                if not self.planner.may_claim(model, owned, self.free_chunks - i):
+                    return False
+                owned[model] = owned.get(model, 0) + 1
+            self.owned = owned
         self.free_chunks -= chunks
         self.spare_pages[model] = spare + chunks * per_chunk - num_pages
         return True
@@ -249,4 +275,6 @@ def page_budget(pool: KVPool) -> PageBudget:
         spare_pages={m: len(v.free_pages) for m, v in pool.views.items()},
         pages_per_chunk={m: max(pool.chunk_bytes // v.page_bytes - 1, 0) for m, v in pool.views.items()},
         free_chunks=len(pool.free_chunks),
+        owned=pool.owned_chunks(),
+        planner=pool.planner,
     )

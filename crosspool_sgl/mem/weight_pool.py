@@ -9,7 +9,10 @@ one-expert MoE with weight 1) are addressed through *slots*::
 w13 is row-major [2I, H] (gate rows first, then up rows) and w2 is [H, I].
 The indirection table ``(model, layer, expert) -> slot`` lets one fused-MoE
 launch serve tokens of several models, and lets the residency manager move an
-expert without the model noticing (only the table changes).
+expert without the model noticing: slot ids never change, only a slot's
+offsets (``unmap_slot`` frees its arena block, ``map_slot`` gives it a new one).
+Each slot owns one contiguous block ``[w13 | w2]`` of 3*I*H elements, taken
+first-fit from a free list; ``max_bytes`` bounds the arena (``--max-resident-bytes``).
 
 Legend: H = hidden size, I = expert intermediate size, E = experts of a layer.
 """
@@ -19,6 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+class WeightPoolFullError(RuntimeError):
+    """The arena can't hold the block even after compaction and growth up to ``max_bytes``."""
 
 
 @dataclass(frozen=True)
@@ -32,32 +39,41 @@ class SlotTables:
 
 
 class WeightPool:
-    """A bump-allocated arena of FFN weights with a (model, layer, expert) -> slot table.
+    """An arena of FFN weights with a (model, layer, expert) -> slot table and a block allocator.
 
-    Weights are registered once at load time and the arena is sized exactly for
-    them (``reserve`` then ``add_expert``), so loading never copies twice.
+    Weights are registered at load time and the arena is sized up front for them
+    (``reserve`` then ``add_expert``), so loading never copies twice.
     """
 
-    def __init__(self, dtype: torch.dtype, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, dtype: torch.dtype, device: str | torch.device = "cpu", max_bytes: int | None = None
+    ) -> None:
         self.dtype = dtype
         self.device = torch.device(device)
         self.arena = torch.empty(0, dtype=dtype, device=self.device)
+        elem = self.arena.element_size()
+        self.max_elements = None if max_bytes is None else max_bytes // elem
         self._reserved = 0
-        self._used = 0
+        self._allocated = 0
+        self._free: list[tuple[int, int]] = []  # (offset, elements), sorted by offset, coalesced
         self._slot_rows: list[tuple[int, int, int, int]] = []  # (w13_off, w2_off, H, I)
+        self._slot_resident: list[bool] = []
+        self._slot_model: list[str] = []
+        self._slot_layer: list[int] = []
         self.expert_to_slot: dict[tuple[str, int, int], int] = {}
-        self.model_bytes: dict[str, int] = {}
+        self.model_to_slots: dict[str, list[int]] = {}  # in load order: layer, then expert
+        self.model_bytes: dict[str, int] = {}  # every expert, resident or not
+        self.model_resident_bytes: dict[str, int] = {}
         self._tables: SlotTables | None = None
 
     # ---- building -------------------------------------------------------------------------
     def reserve(self, num_elements: int) -> None:
-        """Grow the arena before a model's experts are added (keeps offsets stable)."""
-        if num_elements <= 0:
+        """Make room for ``num_elements`` more before a model's experts are added (offsets stay valid)."""
+        if num_elements <= 0 or self._largest_free() >= num_elements:
             return
-        grown = torch.empty(self._reserved + num_elements, dtype=self.dtype, device=self.device)
-        grown[: self._used].copy_(self.arena[: self._used])
-        self.arena = grown
-        self._reserved += num_elements
+        if self._free:
+            self.compact()  # the free space becomes one block at the tail, which growth extends
+        self._grow(num_elements - self.free_elements)
 
     def add_expert(
         self, model: str, layer: int, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
@@ -69,26 +85,91 @@ class WeightPool:
                 f"{model} layer {layer} expert {expert}: gate {tuple(gate.shape)}, "
                 f"up {tuple(up.shape)}, down {tuple(down.shape)} do not fit together"
             )
-        w13_off = self._take(2 * inter * hidden)
-        w13 = self.arena[w13_off : w13_off + 2 * inter * hidden].view(2 * inter, hidden)
+        slot = len(self._slot_rows)
+        self._slot_rows.append((0, 0, hidden, inter))
+        self._slot_resident.append(False)
+        self._slot_model.append(model)
+        self._slot_layer.append(layer)
+        self.expert_to_slot[(model, layer, expert)] = slot
+        self.model_to_slots.setdefault(model, []).append(slot)
+        self.model_bytes[model] = self.model_bytes.get(model, 0) + self.slot_bytes(slot)
+        self.model_resident_bytes.setdefault(model, 0)
+        off = self.map_slot(slot, grow=True)
+        w13 = self.w13(slot)
         w13[:inter].copy_(gate)
         w13[inter:].copy_(up)
-        w2_off = self._take(hidden * inter)
-        self.arena[w2_off : w2_off + hidden * inter].view(hidden, inter).copy_(down)
-        slot = len(self._slot_rows)
-        self._slot_rows.append((w13_off, w2_off, hidden, inter))
-        self.expert_to_slot[(model, layer, expert)] = slot
-        elem = self.arena.element_size()
-        self.model_bytes[model] = self.model_bytes.get(model, 0) + 3 * inter * hidden * elem
-        self._tables = None
+        self.arena[off + 2 * inter * hidden : off + 3 * inter * hidden].view(hidden, inter).copy_(down)
         return slot
 
-    def _take(self, n: int) -> int:
-        if self._used + n > self._reserved:
-            self.reserve(max(n, self._reserved // 2))  # unplanned growth: amortised doubling
-        off = self._used
-        self._used += n
+    # ---- residency: give a slot an arena block or take it away ----------------------------
+    def slot_model(self, slot: int) -> str:
+        return self._slot_model[slot]
+
+    def slot_layer(self, slot: int) -> int:
+        return self._slot_layer[slot]
+
+    def slot_elements(self, slot: int) -> int:
+        _, _, hidden, inter = self._slot_rows[slot]
+        return 3 * hidden * inter
+
+    def slot_bytes(self, slot: int) -> int:
+        return self.slot_elements(slot) * self.arena.element_size()
+
+    def is_resident(self, slot: int) -> bool:
+        return self._slot_resident[slot]
+
+    def block(self, slot: int) -> torch.Tensor:
+        """The slot's whole [w13 | w2] block, flat (what the store copies)."""
+        off = self._slot_rows[slot][0]
+        return self.arena[off : off + self.slot_elements(slot)]
+
+    def map_slot(self, slot: int, grow: bool = False) -> int:
+        """Give a non-resident slot an arena block; returns its offset. Raises WeightPoolFullError."""
+        assert not self._slot_resident[slot], f"slot {slot} is already resident"
+        n = self.slot_elements(slot)
+        off = self._alloc(n)
+        if off is None and self.free_elements >= n:
+            self.compact()
+            off = self._alloc(n)
+        if off is None and grow:  # unplanned growth: amortised doubling, within the bound
+            limit = self.max_elements if self.max_elements is not None else 1 << 62
+            tail = self._free[-1][1] if self._free and sum(self._free[-1]) == self._reserved else 0
+            self._grow(max(n - tail, min(self._reserved // 2, limit - self._reserved)))
+            off = self._alloc(n)
+        if off is None:
+            raise WeightPoolFullError(
+                f"weights pool full: {n * self.arena.element_size()} bytes wanted, "
+                f"{self.free_bytes} free of {self.capacity_bytes} (max {self.max_bytes})"
+            )
+        _, _, hidden, inter = self._slot_rows[slot]
+        self._slot_rows[slot] = (off, off + 2 * inter * hidden, hidden, inter)
+        self._set_resident(slot, True)
         return off
+
+    def unmap_slot(self, slot: int) -> None:
+        """Free a resident slot's block (its contents must have been saved); the slot id stays valid."""
+        assert self._slot_resident[slot], f"slot {slot} is not resident"
+        off, _, hidden, inter = self._slot_rows[slot]
+        self._release(off, self.slot_elements(slot))
+        self._slot_rows[slot] = (0, 0, hidden, inter)  # harmless address until it is mapped again
+        self._set_resident(slot, False)
+
+    def compact(self) -> None:
+        """Slide resident blocks down to the arena's start so the free space is one block.
+
+        Only for fragmentation; blocks of different models have different sizes.
+        Callers on GPU must have no copy into the arena in flight.
+        """
+        cursor = 0
+        for slot in sorted((s for s, r in enumerate(self._slot_resident) if r), key=self._offset):
+            off, n = self._offset(slot), self.slot_elements(slot)
+            if off != cursor:
+                self.arena[cursor : cursor + n].copy_(self.arena[off : off + n].clone())
+                _, _, hidden, inter = self._slot_rows[slot]
+                self._slot_rows[slot] = (cursor, cursor + 2 * inter * hidden, hidden, inter)
+            cursor += n
+        self._free = [(cursor, self._reserved - cursor)] if cursor < self._reserved else []
+        self._tables = None
 
     # ---- reading --------------------------------------------------------------------------
     def slots(self, model: str, layer: int, num_experts: int) -> list[int]:
@@ -118,8 +199,75 @@ class WeightPool:
 
     @property
     def used_bytes(self) -> int:
-        return self._used * self.arena.element_size()
+        """Bytes of resident expert blocks."""
+        return self._allocated * self.arena.element_size()
 
     @property
     def capacity_bytes(self) -> int:
         return self._reserved * self.arena.element_size()
+
+    @property
+    def free_elements(self) -> int:
+        return self._reserved - self._allocated
+
+    @property
+    def free_bytes(self) -> int:
+        return self.free_elements * self.arena.element_size()
+
+    @property
+    def max_bytes(self) -> int | None:
+        return None if self.max_elements is None else self.max_elements * self.arena.element_size()
+
+    # ---- the block allocator --------------------------------------------------------------
+    def _offset(self, slot: int) -> int:
+        return self._slot_rows[slot][0]
+
+    def _set_resident(self, slot: int, resident: bool) -> None:
+        self._slot_resident[slot] = resident
+        model = self.slot_model(slot)
+        sign = 1 if resident else -1
+        self.model_resident_bytes[model] += sign * self.slot_bytes(slot)
+        self._tables = None
+
+    def _largest_free(self) -> int:
+        return max((n for _, n in self._free), default=0)
+
+    def _grow(self, num_elements: int) -> None:
+        """Extend the arena at its tail (copying what is there), bounded by ``max_elements``."""
+        if num_elements <= 0:
+            return
+        if self.max_elements is not None and self._reserved + num_elements > self.max_elements:
+            raise WeightPoolFullError(
+                f"weights pool would grow to {(self._reserved + num_elements) * self.arena.element_size()}"
+                f" bytes, over its max of {self.max_bytes} (--max-resident-bytes)"
+            )
+        grown = torch.empty(self._reserved + num_elements, dtype=self.dtype, device=self.device)
+        grown[: self._reserved].copy_(self.arena[: self._reserved])
+        self.arena = grown
+        self._release(self._reserved, num_elements, allocated=False)
+        self._reserved += num_elements
+
+    def _alloc(self, n: int) -> int | None:
+        """First fit; None when no free block is large enough."""
+        for i, (off, size) in enumerate(self._free):
+            if size >= n:
+                if size == n:
+                    del self._free[i]
+                else:
+                    self._free[i] = (off + n, size - n)
+                self._allocated += n
+                return off
+        return None
+
+    def _release(self, off: int, n: int, allocated: bool = True) -> None:
+        """Return a block to the free list, merging with its neighbours."""
+        if allocated:
+            self._allocated -= n
+        blocks = sorted([*self._free, (off, n)])
+        merged: list[tuple[int, int]] = []
+        for o, s in blocks:
+            if merged and sum(merged[-1]) == o:
+                merged[-1] = (merged[-1][0], merged[-1][1] + s)
+            else:
+                merged.append((o, s))
+        self._free = merged

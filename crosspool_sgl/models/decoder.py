@@ -78,11 +78,19 @@ class DecoderModel:
         h = F.embedding(input_ids, self.weights.embed)
         self.attn_backend.init_forward(meta)
         for i, lw in enumerate(self.weights.layers):
-            h = h + self.attention(
-                i, lw, rms_norm(h, lw.input_norm, self.config.rms_norm_eps), positions, meta, kv
-            )
-            h = h + self.ffn(lw, rms_norm(h, lw.post_norm, self.config.rms_norm_eps))
+            h, x = self.attention_half(i, h, positions, meta, kv)
+            h = h + self.ffn(lw, x)
         return rms_norm(h, self.weights.final_norm, self.config.rms_norm_eps)
+
+    def attention_half(self, i: int, h, positions, meta, kv) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i up to its FFN: (residual after attention [T, H], FFN input [T, H]).
+
+        The seam for disaggregated mode (crosspool_sgl/disagg), which ships the FFN input away.
+        """
+        lw = self.weights.layers[i]
+        eps = self.config.rms_norm_eps
+        h = h + self.attention(i, lw, rms_norm(h, lw.input_norm, eps), positions, meta, kv)
+        return h, rms_norm(h, lw.post_norm, eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, H] -> fp32 logits [T, V]."""

@@ -45,7 +45,7 @@ def test_preemption_keeps_results_identical(tiny_models):
     got = tight.generate(prompt=prompts, model=names, sampling_params=params)
     assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want]
     assert sum(o["meta_info"]["num_retractions"] for o in got) > 0
-    assert tight.runtime.kv_pool.used_pages() == 0
+    assert tight.scheduler.request_pages() == 0
 
 
 def test_request_larger_than_pool_is_rejected_not_queued_forever(tiny_models):
@@ -57,10 +57,15 @@ def test_request_larger_than_pool_is_rejected_not_queued_forever(tiny_models):
         kv_pool_bytes=8 * page,
         kv_chunk_bytes=8 * page,
     )
-    out = tiny.generate(prompt="word " * 300, sampling_params={"max_new_tokens": 4})
+    # a prompt that can never fit: rejected at once, with the reason
+    with pytest.raises(InvalidRequestError, match="KV ceiling"):
+        tiny.generate(prompt="word " * 300, sampling_params={"max_new_tokens": 4})
+    # a prompt that fits but outgrows the whole pool while decoding: finished with a clear abort
+    out = tiny.generate(input_ids=[7] * 100, sampling_params={"max_new_tokens": 200, "ignore_eos": True})
     assert out["meta_info"]["finish_reason"]["type"] == "abort"
     assert "KV cache" in out["meta_info"]["finish_reason"]["message"]
-    assert tiny.runtime.kv_pool.used_pages() == 0
+    assert 0 < out["meta_info"]["completion_tokens"] < 200
+    assert tiny.scheduler.request_pages() == 0
 
 
 def test_abort_frees_pages(engine):
@@ -74,6 +79,8 @@ def test_abort_frees_pages(engine):
     assert engine.runtime.kv_pool.used_pages("mix") > 0
     assert sched.abort("to-abort")
     outs = sched.step()
+    assert sched.request_pages() == 0
+    sched.flush_cache()
     assert engine.runtime.kv_pool.used_pages() == 0
     assert not sched.has_work()
     assert req.finish_reason["type"] == "abort"
@@ -136,4 +143,4 @@ def test_unknown_model_and_bad_ids_are_clear_errors(engine):
         engine.generate(input_ids=[1, 2, 10**6], model="moe")
     with pytest.raises(InvalidRequestError, match="context"):
         engine.generate(input_ids=[1] * 5000, model="moe")
-    assert engine.runtime.kv_pool.used_pages() == 0
+    assert engine.scheduler.request_pages() == 0

@@ -98,21 +98,39 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path, built: dict
     assert _digest(other["mixtral"]) != _digest(built["mixtral"])
 
 
-def test_ensure_builds_once(tmp_path: Path) -> None:
+def test_ensure_builds_once_and_rebuilds_stale(tmp_path: Path) -> None:
     first = tiny.ensure_tiny_models(tmp_path, names=["qwen3_moe"])
     weights = first["qwen3_moe"] / "model.safetensors"
     stamp = (first["qwen3_moe"].stat().st_mtime_ns, weights.stat().st_mtime_ns)
     second = tiny.ensure_tiny_models(tmp_path, names=["qwen3_moe"])
     assert second == first == {"qwen3_moe": tmp_path / "qwen3_moe"}
     assert (first["qwen3_moe"].stat().st_mtime_ns, weights.stat().st_mtime_ns) == stamp
+
+    (first["qwen3_moe"] / tiny.MARKER_FILE).write_text('{"fingerprint": "from an older generator"}')
+    tiny.ensure_tiny_models(tmp_path, names=["qwen3_moe"])
+    assert tiny.is_current(first["qwen3_moe"], tiny.generator_fingerprint(tiny.DEFAULT_SEED))
+    assert weights.stat().st_mtime_ns != stamp[1]
     with pytest.raises(ValueError, match="unknown tiny model"):
         tiny.ensure_tiny_models(tmp_path, names=["gpt5"])
 
 
-def test_losing_a_race_keeps_the_winner(tmp_path: Path) -> None:
-    winner, loser = tmp_path / "model", tmp_path / ".model.tmp-x"
-    for d, text in ((winner, "winner"), (loser, "loser")):
-        d.mkdir()
-        (d / "config.json").write_text(text)
-    assert tiny._publish(loser, winner, replace=False) is False
-    assert (winner / "config.json").read_text() == "winner" and not loser.exists()
+def _fake_build(path: Path, fingerprint: str) -> Path:
+    path.mkdir()
+    (path / tiny.MARKER_FILE).write_text(json.dumps({"fingerprint": fingerprint}))
+    return path
+
+
+def test_publish_replaces_a_stale_dir(tmp_path: Path) -> None:
+    current = tiny.generator_fingerprint(tiny.DEFAULT_SEED)
+    dest = _fake_build(tmp_path / "model", "older generator")
+    assert tiny._publish(_fake_build(tmp_path / ".model.tmp-a", current), dest, current) is True
+    assert tiny.is_current(dest, current)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # the stale copy is deleted
+
+
+def test_publish_keeps_a_current_dir_that_won_the_race(tmp_path: Path) -> None:
+    current = tiny.generator_fingerprint(tiny.DEFAULT_SEED)
+    dest = _fake_build(tmp_path / "model", current)
+    (dest / "winner").touch()
+    assert tiny._publish(_fake_build(tmp_path / ".model.tmp-b", current), dest, current) is False
+    assert (dest / "winner").exists()

@@ -1,0 +1,1 @@
+"""Attention-FFN disaggregation: transport, FFN workers and the layer-wise pipeline (see README.md)."""
