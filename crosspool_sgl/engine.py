@@ -152,7 +152,6 @@ class Engine:
         start = time.monotonic()
         pending = {r.rid for r in reqs}
         while pending:
-            self.poll_residency()
             outputs: list[ReqOutput] = self.scheduler.step()
             pending -= {o.rid for o in outputs if o.finished}
         return [self._result(r, time.monotonic() - start) for r in reqs]

@@ -69,6 +69,10 @@ def parse_seconds(text: str | float) -> float:
 MODEL_OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "keep_alive": ("keep_alive_s", parse_seconds),
     "keep_alive_s": ("keep_alive_s", parse_seconds),
+    "kv_floor": ("kv_floor_bytes", lambda v: parse_bytes(v)),
+    "kv_ceiling": ("kv_ceiling_bytes", lambda v: parse_bytes(v)),
+    "ttft_ms": ("ttft_ms", float),
+    "tbt_ms": ("tbt_ms", float),
 }
 
 
@@ -81,9 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         action="append",
         default=[],
-        metavar="NAME=DIR[,keep_alive=30s]",
+        metavar="NAME=DIR[,key=value...]",
         help="a model to host: client-facing name and Hugging Face directory (repeatable), then "
-        "per-model options. With none, tiny demo models are served: " + ", ".join(DEMO_MODELS),
+        "per-model options: keep_alive=30s (weights residency), kv_floor=64M (KV bytes guaranteed), "
+        "kv_ceiling=512M (KV bytes at most), ttft_ms=500 and tbt_ms=100 (SLO targets that order "
+        "admission and preemption). With none, tiny demo models are served: " + ", ".join(DEMO_MODELS),
     )
     p.add_argument(
         "--config",
@@ -132,6 +138,18 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         type=parse_bytes,
         default=None,
         help="KV arena ownership granularity (default: 2 MiB on GPU, 64 KiB multiples on CPU)",
+    )
+    p.add_argument(
+        "--kv-partition",
+        choices=["shared", "static"],
+        default="shared",
+        help="shared: one KV pool that follows demand (CrossPool); static: an equal fixed share per "
+        "model, kept for comparison (default: %(default)s)",
+    )
+    p.add_argument(
+        "--disable-prefix-cache",
+        action="store_true",
+        help="do not keep finished requests' KV pages as a per-model prefix cache",
     )
     p.add_argument(
         "--max-running-requests",
@@ -221,7 +239,13 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
         device=args.device,
         dtype=args.dtype,
         attention_backend=args.attention_backend,
-        kv_pool=KVPoolArgs(args.kv_pool_bytes, args.page_tokens, args.kv_chunk_bytes),
+        kv_pool=KVPoolArgs(
+            args.kv_pool_bytes,
+            args.page_tokens,
+            args.kv_chunk_bytes,
+            args.kv_partition,
+            not args.disable_prefix_cache,
+        ),
         scheduler=SchedulerArgs(args.max_running_requests, args.chunked_prefill_size),
         weight_pool=WeightPoolArgs(args.max_resident_bytes, args.keep_alive_s),
         show_progress=False,

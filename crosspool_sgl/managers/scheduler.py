@@ -24,6 +24,7 @@ from crosspool_sgl.managers.req import Req, ReqOutput, ReqState
 from crosspool_sgl.managers.schedule_policy import BatchPlan, SchedulePolicy, pages_for
 from crosspool_sgl.mem.kv_pool import KVPool, page_budget
 from crosspool_sgl.mem.prefix_cache import PrefixCache
+from crosspool_sgl.mem.residency_manager import models_with_requests
 from crosspool_sgl.sampling_params import InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -102,9 +103,10 @@ class MultiModelScheduler:
     def step(self) -> list[ReqOutput]:
         """One scheduling step; returns the outputs produced since the last call."""
         self._match_prefixes()
-        plan = self.policy.next_batch(self.waiting, self.running, page_budget(self.kv_pool))
+        waiting = self._admissible()
+        plan = self.policy.next_batch(waiting, self.running, page_budget(self.kv_pool))
         if plan is not None and plan.blocked is not None and self._reclaim(*plan.blocked):
-            plan = self.policy.next_batch(self.waiting, self.running, page_budget(self.kv_pool))
+            plan = self.policy.next_batch(waiting, self.running, page_budget(self.kv_pool))
         if plan is None:
             self._reject_unservable()
         else:
@@ -114,6 +116,16 @@ class MultiModelScheduler:
             self.num_steps += 1
         out, self._outputs = self._outputs, []
         return out
+
+    def _admissible(self) -> list[Req]:
+        """Waiting requests whose model's experts are resident; polls the residency manager
+        (keep-alive expiry, evictions, bounded page-ins) so a cold model pages in between steps
+        while other models keep decoding."""
+        residency = self.runner.residency
+        if residency is None:
+            return list(self.waiting)
+        ready = residency.poll(models_with_requests(self.running, self.waiting))
+        return [r for r in self.waiting if r.model in ready]
 
     def _match_prefixes(self) -> None:
         """Attach cached prefix pages to the waiting requests next in line (bounded: they pin pages)."""

@@ -27,7 +27,6 @@ from crosspool_sgl.managers.io_struct import (
 )
 from crosspool_sgl.managers.req import Req, ReqOutput
 from crosspool_sgl.managers.runtime import Runtime, build_runtime
-from crosspool_sgl.mem.residency_manager import models_with_requests
 from crosspool_sgl.sampling_params import InvalidRequestError, SamplingParams
 from crosspool_sgl.server_args import EngineArgs
 
@@ -61,17 +60,10 @@ class SchedulerServer:
         while not self.stopping:
             for msg in self.recv_all(block=not self.scheduler.has_work()):
                 self.dispatch[type(msg)](msg)
-            self.poll_residency()
-            self.send_outputs(self.scheduler.step())
+            self.send_outputs(self.scheduler.step())  # also polls weights residency, idle or not
             if parent is not None and not parent.is_alive():
                 logger.warning("parent process is gone; scheduler exits")
                 return
-
-    def poll_residency(self) -> None:
-        """Between steps: keep-alive expiry, evictions and page-ins (also while idle)."""
-        if self.runtime.residency is not None:
-            sched = self.scheduler
-            self.runtime.residency.poll(models_with_requests(sched.running, sched.waiting))
 
     def recv_all(self, block: bool) -> list[Any]:
         msgs = []

@@ -144,3 +144,19 @@ def test_unknown_model_and_bad_ids_are_clear_errors(engine):
     with pytest.raises(InvalidRequestError, match="context"):
         engine.generate(input_ids=[1] * 5000, model="moe")
     assert engine.scheduler.request_pages() == 0
+
+
+def test_prefix_cache_hits_give_identical_outputs(engine, tiny_models):
+    shared = "the same long system prompt for every request of this test, " * 3
+    prompts = [shared + q for q in ("first question", "second one", "a third")]
+    first = engine.generate(prompt=prompts, model="moe", sampling_params=GREEDY)
+    again = engine.generate(prompt=prompts, model="moe", sampling_params=GREEDY)
+    assert [o["output_ids"] for o in again] == [o["output_ids"] for o in first]
+    assert all(o["meta_info"]["cached_tokens"] >= 16 for o in again)
+    # the other model has its own cache: same text, no hits
+    other = engine.generate(prompt=prompts[0], model="mix", sampling_params=GREEDY)
+    assert other["meta_info"]["cached_tokens"] == 0
+    uncached = Engine(models={"moe": str(tiny_models["qwen3_moe"])}, show_progress=False, prefix_cache=False)
+    plain = uncached.generate(prompt=prompts, sampling_params=GREEDY)
+    assert [o["output_ids"] for o in plain] == [o["output_ids"] for o in first]
+    assert all(o["meta_info"]["cached_tokens"] == 0 for o in plain)
