@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from crosspool_sgl.mem.arena_backing import ArenaBacking, create_backing
+
 if TYPE_CHECKING:
     from crosspool_sgl.mem.kv_planner import KVPlanner
 
@@ -89,6 +91,7 @@ class KVPool:
         page_tokens: int = 16,
         chunk_bytes: int = 2 << 20,
         device: str | torch.device = "cpu",
+        backing: ArenaBacking | None = None,
     ) -> None:
         if total_bytes < chunk_bytes:
             raise ValueError(f"KV pool of {total_bytes} bytes is smaller than one chunk ({chunk_bytes})")
@@ -97,7 +100,10 @@ class KVPool:
         self.num_chunks = total_bytes // chunk_bytes
         self.total_bytes = self.num_chunks * chunk_bytes
         self.device = torch.device(device)
-        self.arena = torch.zeros(self.total_bytes, dtype=torch.uint8, device=self.device)
+        # Physical memory follows ownership: owned chunks are mapped, released ones unmapped
+        # (CUDA virtual memory on GPU; a plain tensor with the same accounting on CPU).
+        self.backing = backing or create_backing(self.total_bytes, chunk_bytes, self.device)
+        self.arena = self.backing.tensor
         self.free_chunks: set[int] = set(range(self.num_chunks))
         self.views: dict[str, _ModelView] = {}
         self.planner: KVPlanner | None = None  # floors/ceilings; None = first come, first served
@@ -214,6 +220,7 @@ class KVPool:
                 return None
         neighbours = [c for o in view.owned_chunks for c in (o - 1, o + 1) if c in self.free_chunks]
         chunk = min(neighbours) if neighbours else min(self.free_chunks)
+        self.backing.map(chunk)
         self.free_chunks.remove(chunk)
         view.owned_chunks.add(chunk)
         for p in self._pages_touching(view, chunk):
@@ -227,6 +234,7 @@ class KVPool:
         view.owned_chunks.discard(chunk)
         view.chunk_use.pop(chunk, None)
         self.free_chunks.add(chunk)
+        self.backing.unmap(chunk)
 
 
 @dataclass

@@ -104,3 +104,25 @@ def test_snapshot_accounts_bytes_per_model():
     assert snap.used_pages == {"small": 3, "big": 2}
     assert snap.used_bytes == {"small": 3 * pool.page_bytes("small"), "big": 2 * pool.page_bytes("big")}
     assert snap.free_bytes + sum(snap.owned_bytes.values()) == snap.total_bytes
+
+
+def test_physical_backing_follows_chunk_ownership():
+    """Only owned chunks are mapped (on GPU: CUDA VMM; on CPU the same accounting)."""
+    pool = make_pool(chunks=6)
+    rng = random.Random(1)
+    held = []
+    for _ in range(150):
+        if held and rng.random() < 0.45:
+            model, pages = held.pop(rng.randrange(len(held)))
+            pool.free(model, pages)
+        else:
+            model = rng.choice(["small", "big"])
+            pages = pool.alloc(model, rng.randint(1, 6))
+            if pages is not None:
+                held.append((model, pages))
+        owned = {c for v in pool.views.values() for c in v.owned_chunks}
+        assert pool.backing.mapped == owned
+        assert pool.backing.mapped_bytes == sum(pool.snapshot().owned_bytes.values())
+    for model, pages in held:
+        pool.free(model, pages)
+    assert pool.backing.mapped_bytes == 0
