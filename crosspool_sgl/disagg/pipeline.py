@@ -28,7 +28,7 @@ from crosspool_sgl.disagg.remote_ffn import PendingFFN, RemoteFFN
 from crosspool_sgl.disagg.trace import FFNCall, StepTrace
 from crosspool_sgl.layers.attention.base import AttentionMetadata
 from crosspool_sgl.layers.norm import rms_norm
-from crosspool_sgl.managers.model_runner import ModelRunner, StepResult
+from crosspool_sgl.managers.model_runner import ModelRunner, StepResult, pack_batch
 from crosspool_sgl.managers.req import Req
 from crosspool_sgl.mem.kv_pool import KVPool
 from crosspool_sgl.models.decoder import DecoderModel
@@ -128,21 +128,9 @@ class PipelinedModelRunner(ModelRunner):
     def _prepare(self, index: int, name: str, group: Group) -> MicroBatch:
         """Token ids, positions and attention metadata of a micro-batch (as ModelRunner._run_model)."""
         model = self.models[name]
-        ids: list[int] = []
-        positions: list[int] = []
-        for req, n in group:
-            ids += req.fill_ids[req.num_cached : req.num_cached + n]
-            positions += range(req.num_cached, req.num_cached + n)
-        meta = AttentionMetadata.build(
-            [r.pages for r, _ in group],
-            [r.num_cached + n for r, n in group],
-            [n for _, n in group],
-            self.kv_pool.page_tokens,
-            self.device,
-        )
-        as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=self.device)  # noqa: E731
-        h = F.embedding(as_tensor(ids), model.weights.embed)
-        return MicroBatch(index, model, group, as_tensor(positions), meta, self.kv_pool.kv_view(name), h)
+        ids, positions, meta = pack_batch(group, self.kv_pool.page_tokens, self.device)
+        h = F.embedding(ids, model.weights.embed)
+        return MicroBatch(index, model, group, positions, meta, self.kv_pool.kv_view(name), h)
 
     @torch.inference_mode()
     def _drive(self, mbs: list[MicroBatch], trace: StepTrace) -> None:

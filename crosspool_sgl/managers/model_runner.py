@@ -31,6 +31,26 @@ class StepResult:
     prompt_top: list | None = None
 
 
+def pack_batch(
+    group: list[tuple[Req, int]], page_tokens: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """One model's share of a step as packed token ids [T], positions [T] and attention metadata."""
+    ids: list[int] = []
+    positions: list[int] = []
+    for req, n in group:
+        ids += req.fill_ids[req.num_cached : req.num_cached + n]
+        positions += range(req.num_cached, req.num_cached + n)
+    meta = AttentionMetadata.build(
+        [r.pages for r, _ in group],
+        [r.num_cached + n for r, n in group],
+        [n for _, n in group],
+        page_tokens,
+        device,
+    )
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
+    return as_tensor(ids), as_tensor(positions), meta
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -56,20 +76,8 @@ class ModelRunner:
         return results
 
     def _run_model(self, model: DecoderModel, group: list[tuple[Req, int]]) -> dict[str, StepResult]:
-        ids: list[int] = []
-        positions: list[int] = []
-        for req, n in group:
-            ids += req.fill_ids[req.num_cached : req.num_cached + n]
-            positions += range(req.num_cached, req.num_cached + n)
-        meta = AttentionMetadata.build(
-            [r.pages for r, _ in group],
-            [r.num_cached + n for r, n in group],
-            [n for _, n in group],
-            self.kv_pool.page_tokens,
-            self.device,
-        )
-        as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=self.device)
-        hidden = model.forward(as_tensor(ids), as_tensor(positions), meta, self.kv_pool.kv_view(model.name))
+        ids, positions, meta = pack_batch(group, self.kv_pool.page_tokens, self.device)
+        hidden = model.forward(ids, positions, meta, self.kv_pool.kv_view(model.name))
         return self._logits_and_sample(model, group, hidden)
 
     def _logits_and_sample(self, model, group, hidden) -> dict[str, StepResult]:
