@@ -197,6 +197,13 @@ def add_process_flags(p: argparse.ArgumentParser) -> None:
         help="torch threads in the scheduler process (default: torch's choice)",
     )
     p.add_argument(
+        "--openai-frontend",
+        choices=["sglang", "own"],
+        default="sglang",
+        help="who answers /v1/completions and /v1/chat/completions: SGLang's OpenAI serving handlers "
+        "over our tokenizer side (default), or our own routes (entrypoints/openai_api.py)",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -251,7 +258,15 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
         show_progress=False,
         disagg=_disagg_args(args),
     )
-    return ServerArgs(engine, args.host, args.port, args.log_level, args.num_threads, args.startup_timeout)
+    return ServerArgs(
+        engine,
+        args.host,
+        args.port,
+        args.log_level,
+        args.num_threads,
+        args.startup_timeout,
+        args.openai_frontend,
+    )
 
 
 def add_disagg_flags(p: argparse.ArgumentParser) -> None:
@@ -498,7 +513,7 @@ def build_app(
             "startup_info": startup_info,
         }
 
-    return create_app(tm, metrics, server_info), models
+    return create_app(tm, metrics, server_info, args.openai_frontend), models
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -79,3 +79,4 @@ class ServerArgs:
     log_level: str = "info"
     num_threads: int | None = None  # torch threads in the scheduler process; None: torch's default
     startup_timeout_s: float = 600.0
+    openai_frontend: str = "sglang"  # "sglang": SGLang's OpenAI serving handlers; "own": ours

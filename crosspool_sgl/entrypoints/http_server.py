@@ -194,7 +194,10 @@ async def _native_stream(tm: MultiModelTokenizerManager, state: Any) -> AsyncIte
 
 
 def create_app(
-    tm: MultiModelTokenizerManager, metrics: ServerMetrics, server_info: Callable[[], dict]
+    tm: MultiModelTokenizerManager,
+    metrics: ServerMetrics,
+    server_info: Callable[[], dict],
+    openai_frontend: str = "sglang",
 ) -> FastAPI:
     from crosspool_sgl.entrypoints.openai_api import build_openai_router
 
@@ -226,5 +229,12 @@ def create_app(
     native = build_native_router(tm, server_info)
     app.include_router(native)
     app.include_router(native, prefix="/models/{model_name}")
+    if openai_frontend == "sglang":
+        # SGLang's own OpenAI handlers; registered first, so they answer /v1/completions and
+        # /v1/chat/completions (/v1/models stays ours). --openai-frontend own keeps
+        # openai_api.py's routes. See managers/SGLANG_FRONTEND.md.
+        from crosspool_sgl.entrypoints.sglang_openai import build_sglang_openai_router
+
+        app.include_router(build_sglang_openai_router(tm))
     app.include_router(build_openai_router(tm))
     return app

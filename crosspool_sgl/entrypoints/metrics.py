@@ -83,7 +83,8 @@ class ServerMetrics:
         )
         self.planner_decisions = Counter(
             "crosspool_kv_planner_decisions",
-            "KV planner decisions: reclaim (cached pages evicted), preempt (requests retracted)",
+            "KV planner decisions: grant (chunks given to a model), reclaim (cached pages evicted), "
+            "preempt (requests retracted)",
             ["decision", "model"],
             registry=r,
         )

@@ -3,6 +3,10 @@
 Requests are parsed and responses built with SGLang's own OpenAI protocol
 models (`sglang.srt.entrypoints.openai.protocol`), so field names and shapes are
 SGLang's; the `model` field picks the hosted model.
+
+The server's default is now SGLang's own handlers (`sglang_openai.py`); these routes
+serve /v1/completions and /v1/chat/completions with --openai-frontend own,
+and /v1/models always.
 """
 
 from __future__ import annotations

@@ -140,7 +140,10 @@ def scheduler_info(runtime: Runtime) -> dict[str, Any]:
             "allocated_pages": dict(snap.used_pages),
             "owned_bytes": dict(snap.owned_bytes),
         },
-        "planner_decisions": {d: dict(c) for d, c in sched.counters.items()},
+        "planner_decisions": {
+            "grant": dict(runtime.kv_pool.num_grants),
+            **{d: dict(c) for d, c in sched.counters.items()},
+        },
         "weight_pool": {
             "used_bytes": runtime.weight_pool.used_bytes,
             "model_bytes": dict(runtime.weight_pool.model_bytes),

@@ -11,7 +11,10 @@ process-global runtime context (`assert_published(server_args)`, `get_serving()`
 it. Several instances, one per model, cannot coexist in one process (the
 context is process-wide and not async-safe), and one instance cannot hold
 several tokenizers without overriding most of its 4,000 lines. We keep its
-message names (io_struct) and response shapes instead.
+message names (io_struct) and response shapes instead. (SGLANG_FRONTEND.md has
+the detailed assessment: per-model instances are possible under `use_context`;
+what blocks them is the scheduler's wire format. SGLang's OpenAI handlers already
+run on this manager through `entrypoints/sglang_openai.py`.)
 """
 
 from __future__ import annotations

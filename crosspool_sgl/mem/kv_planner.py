@@ -66,9 +66,7 @@ class KVPlanner:
         mine = owned.get(model, 0)
         if free_chunks <= 0 or mine + 1 > self.ceiling.get(model, self.num_chunks):
             return False
-        owed_to_others = sum(
-            max(0, f - owned.get(m, 0)) for m, f in self.floor.items() if m != model
-        )
+        owed_to_others = sum(max(0, f - owned.get(m, 0)) for m, f in self.floor.items() if m != model)
         return free_chunks - 1 >= owed_to_others
 
     def max_pages(self, model: str, page_bytes: int) -> int:

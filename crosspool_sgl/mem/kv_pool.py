@@ -22,6 +22,7 @@ Hkv = KV heads, D = head dim.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,8 @@ from crosspool_sgl.mem.arena_backing import ArenaBacking, create_backing
 
 if TYPE_CHECKING:
     from crosspool_sgl.mem.kv_planner import KVPlanner
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ class KVPool:
         self.free_chunks: set[int] = set(range(self.num_chunks))
         self.views: dict[str, _ModelView] = {}
         self.planner: KVPlanner | None = None  # floors/ceilings; None = first come, first served
+        self.num_grants: dict[str, int] = {}  # chunks granted per model, for /metrics
 
     # ---- models -------------------------------------------------------------------------
     def add_model(self, model: str, geometry: KVGeometry) -> torch.Tensor:
@@ -155,6 +159,16 @@ class KVPool:
                     self._release_chunk(view, c)
                 return None
             claimed.append(chunk)
+        if claimed:
+            self.num_grants[model] = self.num_grants.get(model, 0) + len(claimed)
+            logger.info(
+                "grant %d KV chunk(s) (%d KiB) to %s: it owns %d, %d free",
+                len(claimed),
+                len(claimed) * self.chunk_bytes >> 10,
+                model,
+                len(view.owned_chunks),
+                len(self.free_chunks),
+            )
         pages = sorted(view.free_pages)[:num_pages]
         for p in pages:
             view.free_pages.remove(p)

@@ -80,6 +80,9 @@ def test_info_routes(server):
         "crosspool_weights_pool_bytes",
     ):
         assert f'{name}{{model="mixtral"' in metrics or f"{name}{{" in metrics, name
+    # every model that served a request was granted KV chunks by the planner, and it shows
+    for model in server.model_paths:
+        assert f'crosspool_kv_planner_decisions_total{{decision="grant",model="{model}"}}' in metrics
 
 
 @sgl.function

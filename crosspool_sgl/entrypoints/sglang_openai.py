@@ -1,0 +1,280 @@
+"""OpenAI routes served by SGLang's own handlers (`OpenAIServingCompletion`, `OpenAIServingChat`).
+
+One handler pair per hosted model. Each is handed a `ModelFrontend`: a duck-typed
+stand-in for SGLang's `TokenizerManager` bound to one model, which answers the
+attributes the handlers read (`tokenizer`, `model_config`, `server_args`,
+`served_model_name`, `model_path`, `processor`, `request_logger`,
+`config_value`, `create_abort_task`, `generate_request`) and forwards generation
+to our `MultiModelTokenizerManager`. The handlers' own request conversion
+(`GenerateReqInput`), sampling-parameter building, chat templating, streaming,
+logprob and usage formatting run unchanged. See managers/SGLANG_FRONTEND.md.
+
+Process config: the handlers read `get_serving()` / `get_observability()` /
+`get_model()` at request time, so this process publishes one SGLang
+`ServerArgs` (role "tokenizer") with the first model's path; only
+model-independent serving flags are read from it. Each model's SGLang
+`ModelConfig` is built once at start-up under its own context
+(`create_context` + `use_context`, synchronous, before the event loop serves
+anything) and kept on its `ModelFrontend`; no context is swapped at request time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import Response
+from starlette.background import BackgroundTasks
+
+from crosspool_sgl.managers.tokenizer_manager import (
+    GenerateInput,
+    ModelInfo,
+    MultiModelTokenizerManager,
+    RequestError,
+)
+
+logger = logging.getLogger(__name__)
+
+_STUBS = Path(__file__).resolve().parents[2] / "patches" / "stubs"
+# GenerateReqInput/serving sampling keys -> ours; None values mean "SGLang's default" and are dropped.
+_RENAMED = {"sampling_seed": "seed"}
+_DROPPED = {"n"}  # parallel sampling is expanded into separate requests here
+
+
+def _ensure_sgl_kernel_importable() -> None:
+    """`ServerArgs.resolve_once` imports SGLang's model loader, which imports `sgl_kernel` (CPU stub)."""
+    try:
+        import sgl_kernel  # noqa: F401
+    except ImportError:
+        if _STUBS.is_dir() and str(_STUBS) not in sys.path:
+            sys.path.append(str(_STUBS))
+
+
+def publish_frontend_config(models: dict[str, ModelInfo]) -> Any:
+    """Publish one SGLang ServerArgs for this (HTTP) process; returns it."""
+    _ensure_sgl_kernel_importable()
+    from sglang.srt import runtime_context
+    from sglang.srt.server_args import ServerArgs
+
+    first = next(iter(models.values()))
+    server_args = ServerArgs(model_path=first.path, device="cpu", served_model_name=first.name)
+    runtime_context.publish(server_args, role="tokenizer")
+    return server_args
+
+
+def _sampling_params(params: dict[str, Any] | None) -> dict[str, Any]:
+    out = {}
+    for k, v in (params or {}).items():
+        if v is None or k in _DROPPED:
+            continue
+        out[_RENAMED.get(k, k)] = v
+    return out
+
+
+def _to_request_error(e: RequestError) -> Exception:
+    """Our errors in the form SGLang's handlers turn into HTTP errors (ValueError -> 400)."""
+    if e.status_code == 400:
+        return ValueError(e.message)
+    return HTTPException(status_code=e.status_code, detail=e.message)
+
+
+class ModelFrontend:
+    """What SGLang's OpenAI handlers need from a TokenizerManager, for one hosted model."""
+
+    processor = None
+
+    def __init__(self, tm: MultiModelTokenizerManager, name: str) -> None:
+        from sglang.srt import runtime_context
+        from sglang.srt.configs.model_config import ModelConfig
+        from sglang.srt.server_args import ServerArgs
+
+        info = tm.models[name]
+        self.tm, self.name = tm, name
+        self.tokenizer = tm.tokenizers[name]
+        self.model_path = info.path
+        self.served_model_name = name
+        self.server_args = ServerArgs(model_path=info.path, device="cpu", served_model_name=name)
+        # Per-model config under a model-owned context (SGLang's API for embedded per-model work);
+        # synchronous, so no coroutine can observe the swapped context.
+        context = runtime_context.create_context(self.server_args, role="tokenizer")
+        with runtime_context.use_context(context):
+            self.model_config = ModelConfig.from_server_args(self.server_args)
+        self.request_logger = SimpleNamespace(log_requests=False, log_requests_level=0)
+
+    def config_value(self, name: str) -> Any:
+        return getattr(self.server_args, name, None)
+
+    def create_abort_task(self, obj: Any) -> BackgroundTasks:
+        """After a streamed response ends (or its client goes away), abort what is still running."""
+
+        async def abort() -> None:
+            rids = [obj.rid] if obj.is_single else obj.rid
+            for rid in rids:
+                self.tm.abort_request(rid)
+
+        tasks = BackgroundTasks()
+        tasks.add_task(abort)
+        return tasks
+
+    def _inputs(self, obj: Any) -> list[GenerateInput]:
+        """A normalised GenerateReqInput -> our requests; the n samples of a prompt adjacent (as SGLang)."""
+        n = obj.parallel_sample_num
+        singles = [obj] if obj.is_single else [obj[i] for i in range(obj.batch_size)]
+        out = []
+        for one in singles:
+            for j in range(n):
+                rid = one.rid if n == 1 else f"{one.rid}-{j}"
+                out.append(
+                    GenerateInput(
+                        model=self.name,
+                        text=one.text,
+                        input_ids=one.input_ids,
+                        sampling_params=_sampling_params(one.sampling_params),
+                        return_logprob=bool(one.return_logprob),
+                        logprob_start_len=-1 if one.logprob_start_len is None else one.logprob_start_len,
+                        top_logprobs_num=one.top_logprobs_num or 0,
+                        return_text_in_logprobs=bool(one.return_text_in_logprobs),
+                        rid=rid,
+                    )
+                )
+        rids = [obj.rid] if obj.is_single else obj.rid
+        if isinstance(rids, list) and len(set(rids)) == len(out):
+            for req, rid in zip(out, rids, strict=True):  # normalize gave one rid per sample:
+                req.rid = rid  # use them, so create_abort_task finds every sample
+        return out
+
+    def _shape(self, result: dict[str, Any]) -> dict[str, Any]:
+        """Add the meta_info fields SGLang's TokenizerManager adds and the handlers read."""
+        meta = result["meta_info"]
+        meta.setdefault("weight_version", self.config_value("weight_version") or "default")
+        if "output_token_logprobs" in meta:
+            meta["output_token_logprobs_length"] = len(meta["output_token_logprobs"])
+        return result
+
+    async def generate_request(self, obj: Any, request: Request | None = None) -> AsyncIterator[Any]:
+        """SGLang's contract: single -> cumulative dicts (only the final one unless streaming);
+        batch (several prompts or n > 1) -> one list, or streamed dicts carrying `index`."""
+        obj.normalize_batch_and_arguments()
+        is_disconnected = request.is_disconnected if request is not None else None
+        try:
+            states = self.tm.submit_all(self._inputs(obj))
+        except RequestError as e:
+            raise _to_request_error(e) from e
+        stream = bool(obj.stream)
+        try:
+            if len(states) == 1 and obj.is_single:
+                final = None
+                async for result in self.tm.wait_for(states[0], is_disconnected):
+                    final = self._shape(result)
+                    if stream:
+                        yield final
+                if not stream and final is not None:
+                    yield final
+            elif not stream:
+                results = await asyncio.gather(*(self.tm.collect(s, is_disconnected) for s in states))
+                yield [self._shape(r) for r in results]
+            else:
+                async for index, result in self._merge(states):
+                    result["index"] = index
+                    yield self._shape(result)
+        except RequestError as e:
+            raise _to_request_error(e) from e
+
+    async def _merge(self, states: list[Any]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, state: Any) -> None:
+            try:
+                async for result in self.tm.wait_for(state):
+                    await queue.put((index, result, None))
+            except RequestError as e:
+                await queue.put((index, None, e))
+            await queue.put((index, None, None))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(states)]
+        try:
+            live = len(tasks)
+            while live:
+                index, result, err = await queue.get()
+                if err is not None:
+                    raise err
+                if result is None:
+                    live -= 1
+                    continue
+                yield index, result
+        finally:
+            for t in tasks:  # cancelling a pump aborts its request in the scheduler
+                t.cancel()
+
+
+def _openai_error_body(cls: type) -> type:
+    """A subclass of an SGLang handler whose error bodies are OpenAI's `{"error": {...}}`
+    (SGLang's handlers return the ErrorResponse fields at the top level)."""
+
+    def create_error_response(
+        self: Any,
+        message: str,
+        err_type: str = "BadRequestError",
+        status_code: int = 400,
+        param: str | None = None,
+    ) -> Response:
+        from fastapi.responses import ORJSONResponse
+
+        error = {"message": message, "type": err_type, "param": param, "code": status_code}
+        return ORJSONResponse({"error": error}, status_code=status_code)
+
+    return type(cls.__name__, (cls,), {"create_error_response": create_error_response})
+
+
+class SGLangOpenAIHandlers:
+    """SGLang's completion and chat handlers, one pair per hosted model."""
+
+    def __init__(self, tm: MultiModelTokenizerManager) -> None:
+        from sglang.srt.entrypoints.openai import serving_chat, serving_completions
+        from sglang.srt.parser.template_manager import TemplateManager
+
+        OpenAIServingChat = _openai_error_body(serving_chat.OpenAIServingChat)
+        OpenAIServingCompletion = _openai_error_body(serving_completions.OpenAIServingCompletion)
+        publish_frontend_config(tm.models)
+        self.completion: dict[str, Any] = {}
+        self.chat: dict[str, Any] = {}
+        for name in tm.models:
+            frontend = ModelFrontend(tm, name)
+            templates = TemplateManager()
+            templates.initialize_templates(frontend, model_path=frontend.model_path)
+            self.completion[name] = OpenAIServingCompletion(frontend, templates)
+            self.chat[name] = OpenAIServingChat(frontend, templates)
+
+
+def build_sglang_openai_router(tm: MultiModelTokenizerManager) -> APIRouter:
+    """/v1/completions and /v1/chat/completions through SGLang's handlers (/v1/models stays ours)."""
+    from sglang.srt.entrypoints.openai import protocol as oai
+    from sglang.srt.utils.json_response import model_json_response
+
+    from crosspool_sgl.entrypoints.http_server import read_json
+    from crosspool_sgl.entrypoints.openai_api import validate
+
+    handlers = SGLangOpenAIHandlers(tm)
+    router = APIRouter()
+
+    async def serve(table: dict[str, Any], model_cls: type, request: Request) -> Response:
+        req = validate(model_cls, await read_json(request))
+        model = tm.resolve_model(req.model)
+        req.model = model
+        return model_json_response(await table[model].handle_request(req, request))
+
+    @router.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await serve(handlers.completion, oai.CompletionRequest, request)
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await serve(handlers.chat, oai.ChatCompletionRequest, request)
+
+    return router
