@@ -197,6 +197,13 @@ def add_process_flags(p: argparse.ArgumentParser) -> None:
         help="torch threads in the scheduler process (default: torch's choice)",
     )
     p.add_argument(
+        "--max-pending-requests",
+        type=int,
+        default=4096,
+        help="requests in flight (queued or running, all models) beyond which new ones get 429 "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
         "--openai-frontend",
         choices=["sglang", "own"],
         default="sglang",
@@ -266,6 +273,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
         args.num_threads,
         args.startup_timeout,
         args.openai_frontend,
+        args.max_pending_requests,
     )
 
 
@@ -497,7 +505,12 @@ def build_app(
     }
     metrics = ServerMetrics()
     tm = MultiModelTokenizerManager(
-        models, tokenizers, children.scheduler_addr, children.tokenizer_addr, metrics.hooks()
+        models,
+        tokenizers,
+        children.scheduler_addr,
+        children.tokenizer_addr,
+        metrics.hooks(),
+        args.max_pending_requests,
     )
     started = time.time()
 

@@ -80,3 +80,4 @@ class ServerArgs:
     num_threads: int | None = None  # torch threads in the scheduler process; None: torch's default
     startup_timeout_s: float = 600.0
     openai_frontend: str = "sglang"  # "sglang": SGLang's OpenAI serving handlers; "own": ours
+    max_pending_requests: int = 4096  # in flight across all models; beyond it new requests get 429

@@ -122,8 +122,10 @@ class MultiModelTokenizerManager:
         send_addr: str,
         recv_addr: str,
         metrics: MetricsHooks | None = None,
+        max_pending_requests: int = 4096,
     ) -> None:
         self.models = models
+        self.max_pending_requests = max_pending_requests
         self.tokenizers = tokenizers
         self.send_addr, self.recv_addr = send_addr, recv_addr
         self.metrics = metrics or MetricsHooks()
@@ -196,6 +198,13 @@ class MultiModelTokenizerManager:
     def submit(self, obj: GenerateInput) -> ReqState:
         """Validate, tokenize and send one request; raises RequestError before anything is sent."""
         obj.model = self.resolve_model(obj.model)
+        if len(self.rid_to_state) >= self.max_pending_requests:
+            raise RequestError(
+                f"server overloaded: {len(self.rid_to_state)} requests in flight "
+                f"(--max-pending-requests {self.max_pending_requests}); retry later",
+                status_code=429,
+                err_type="TooManyRequests",
+            )
         try:
             SamplingParams.from_dict(obj.sampling_params)
         except (InvalidRequestError, TypeError) as e:
