@@ -196,6 +196,9 @@ def render(report: dict[str, Any]) -> str:
         "- No prefix caching, no speculative decoding, no CPU offload of cold experts; the same "
         "retract-youngest policy on every setup (stock SGLang's own policy differs in details).",
         "- GPU constants are datasheet peaks times fixed efficiencies (70 % HBM, 50 % FLOPs).",
+        "- The calibration table is the model's error on measured data: where they disagree, trust the "
+        "measurement. The real scheduler's preemption storms (results/multi_model.md) are not reproduced, "
+        "so projected tails are optimistic for every setup, crosspool-shared most.",
         "",
     ]
     return "\n".join(lines)

@@ -72,7 +72,10 @@ def apply_event(rec: RequestRecord, event: dict, now: float) -> bool:
         rec.error = str(err.get("message", err) if isinstance(err, dict) else err)[:300]
         return False
     for choice in event.get("choices") or []:
-        if choice.get("text"):
+        # A token event: any chunk with text, or a non-final chunk with empty text (stock SGLang streams
+        # one chunk per token even while its detokenizer holds back an incomplete UTF-8 sequence or a
+        # skipped special token; our server leaves such chunks out, so its events can carry 2+ tokens).
+        if choice.get("text") or ("text" in choice and choice.get("finish_reason") is None):
             rec.chunk_s.append(now)
             if rec.first_token_s is None:
                 rec.first_token_s = now

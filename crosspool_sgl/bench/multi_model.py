@@ -61,10 +61,10 @@ def bursty_variant(quick: bool, seed: int) -> Variant:
         models=("qwen3_moe", "olmoe"),
     )
     trace = TraceConfig(
-        models=models, duration_s=12.0 if quick else 75.0, total_rate=2.5, seed=seed, long_bursts=long
+        models=models, duration_s=8.0 if quick else 75.0, total_rate=2.5, seed=seed, long_bursts=long
     )
     title = "bursty multi-model trace (4k-context models)"
-    return Variant("bursty", title, models, 4096, budget, trace, drain_s=15.0 if quick else 30.0)
+    return Variant("bursty", title, models, 4096, budget, trace, drain_s=10.0 if quick else 30.0)
 
 
 def longctx_variant(quick: bool, seed: int) -> Variant:
@@ -273,10 +273,15 @@ def merge_into(path: Path, new: dict[str, Any]) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--quick", action="store_true", help="2 models, one 12 s bursty trace (smoke test, ~2 min)"
+        "--quick",
+        action="store_true",
+        help="2 models, an 8 s bursty trace, stock vs shared (smoke test, ~2 min)",
     )
     p.add_argument("--variants", help="comma-separated of bursty, longctx (default both; --quick: bursty)")
-    p.add_argument("--setups", default=",".join(SETUPS), help=f"comma-separated of {', '.join(SETUPS)}")
+    p.add_argument(
+        "--setups",
+        help=f"comma-separated of {', '.join(SETUPS)} (default all; --quick: stock,crosspool-shared)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--duration", type=float, help="override every trace's duration (s)")
     p.add_argument("--startup-timeout", type=float, default=300.0)
@@ -288,9 +293,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="merge the setups run now into the existing <name>.json (same traces) and re-render",
     )
+    p.add_argument("--rerender", action="store_true", help="rewrite <name>.md and PNGs from <name>.json")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--keep-logs", action="store_true", help="keep server logs (their dir is printed)")
     args = p.parse_args(argv)
+    args.setups = args.setups or ("stock,crosspool-shared" if args.quick else ",".join(SETUPS))
     args.setups = [s for s in args.setups.split(",") if s]
     unknown = set(args.setups) - set(SETUPS)
     if unknown:
@@ -302,6 +309,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.rerender:  # tables and plots again from the JSON (e.g. after editing the notes)
+        report = json.loads((Path(args.out_dir) / f"{args.name}.json").read_text())
+        report["notes"] = build_notes(report) + report.get("extra_notes", [])
+        write_report(report, Path(args.out_dir), args.name)
+        return 0
     started = time.monotonic()
     makers = {"bursty": bursty_variant, "longctx": longctx_variant}
     variants = [makers[k](args.quick, args.seed) for k in args.variants.split(",") if k]

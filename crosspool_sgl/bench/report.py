@@ -53,19 +53,20 @@ def setup_rows(variant: dict[str, Any]) -> list[str]:
     """One table row per setup (overall numbers)."""
     rows = [
         "| setup | status | done/total | rejected | timeout | preempted | TTFT P50 | TTFT P99 | "
-        "TBT P50 | TBT P99 | TBT P99.9 | out tok/s | peak RSS GiB | largest served ctx |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "TBT P50 | TBT P99 | TBT P99.9 | out tok/s | tok/chunk | peak RSS GiB | largest served ctx |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in variant["setups"].items():
         if s["status"] != "ok":
-            rows.append(f"| {name} | {s['status']}: {s.get('reason', '')[:120]} |" + " |" * 12)
+            rows.append(f"| {name} | {s['status']}: {s.get('reason', '')[:120]} |" + " |" * 13)
             continue
         o = s["summary"]["overall"]
         rows.append(
             f"| {name} | ok | {o['completed']}/{o['requests']} | {o['rejected']} | {o['timeout']} | "
             f"{s['preempted']} | {_f(o['ttft_p50_ms'])} | {_f(o['ttft_p99_ms'])} | {_f(o['tbt_p50_ms'])} | "
             f"{_f(o['tbt_p99_ms'])} | {_f(o['tbt_p999_ms'])} | {_f(o['output_tok_s'], '.0f')} | "
-            f"{s['peak_rss_bytes'] / 2**30:.2f} | {o['max_served_context']} |"
+            f"{_f(o.get('tokens_per_chunk'), '.2f')} | {s['peak_rss_bytes'] / 2**30:.2f} | "
+            f"{o['max_served_context']} |"
         )
     return rows
 
@@ -231,7 +232,9 @@ def plot_occupancy(key: str, variant: dict[str, Any], ok: dict[str, Any], out_di
     for ax, (name, s) in zip(axes[:, 0], ok.items(), strict=False):
         series = s["samples"]
         models = sorted({k for sample in series["kv_used_bytes"] for k in sample})
-        ys = [[sample.get(mod, 0.0) / 2**20 for sample in series["kv_used_bytes"]] for mod in models]
+        ys = [
+            [max(0.0, sample.get(mod, 0.0)) / 2**20 for sample in series["kv_used_bytes"]] for mod in models
+        ]
         if series["t_s"] and models:
             ax.stackplot(series["t_s"], ys, labels=models, alpha=0.8)
         ax.axhline(budget_mib, color="k", lw=0.8, ls="--", label="total budget")

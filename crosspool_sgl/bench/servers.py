@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -32,7 +31,6 @@ HOST = "127.0.0.1"
 COMMON_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 # SGLANG_USE_CPU_ENGINE=1 makes stock's is_cpu() true (else it imports vllm); see decode_throughput.py.
 STOCK_ENV = {"SGLANG_USE_CPU_ENGINE": "1"}
-PREEMPT_LINE = re.compile(r"\b(?:preempt|retract) \S+ \([^)]*\): KV pages short")
 
 
 @dataclass(frozen=True)
@@ -257,16 +255,9 @@ def prometheus_value(text: str, metric: str) -> float:
 
 
 def crosspool_kv_used(info: dict[str, Any]) -> dict[str, float]:
-    """Bytes of pages held by requests, per model: evictable prefix-cache pages are left out, as stock's
-    `num_used_tokens` leaves out its evictable radix-cache tokens."""
-    kv = info.get("kv_pool", {})
-    evictable = info.get("prefix_cache", {}).get("evictable_pages", {})
-    out = {}
-    for model, used in kv.get("used_bytes", {}).items():
-        pages = kv.get("used_pages", {}).get(model, 0)
-        page_bytes = used / pages if pages else 0.0
-        out[model] = float(used) - evictable.get(model, 0) * page_bytes
-    return out
+    """Bytes of pages held by requests, per model. The server already leaves evictable prefix-cache
+    pages out of `used_bytes`, as stock's `num_used_tokens` leaves out its evictable radix-cache tokens."""
+    return {m: float(b) for m, b in info.get("kv_pool", {}).get("used_bytes", {}).items()}
 
 
 @dataclass
@@ -296,10 +287,10 @@ class RunningSetup:
     def retractions(self) -> int:
         """Requests preempted (KV retracted and requeued) so far, from each server's own accounting."""
         if self.spec.kind == "crosspool":
-            # The scheduler logs one INFO line per preemption (managers/scheduler.py: "preempt RID (MODEL):
-            # KV pages short ..."; "retract" in earlier versions).
-            text = self.servers[0].log_path.read_text(errors="replace")
-            return len(PREEMPT_LINE.findall(text))
+            code, body = http_get(f"{self.servers[0].url}/get_server_info")
+            if code != 200:
+                return 0
+            return sum(json.loads(body).get("planner_decisions", {}).get("preempt", {}).values())
         total = 0.0
         for s in self.servers:
             code, body = http_get(f"{s.url}/metrics")

@@ -78,6 +78,8 @@ def summarize(records: Sequence[RequestRecord], wall_s: float) -> dict[str, Any]
         "tbt_p99_ms": ms(percentile(tbts, 99)),
         "tbt_p999_ms": ms(percentile(tbts, 99.9)),
         "output_tok_s": tokens / wall_s if wall_s > 0 else None,
+        # > 1 when streamed chunks carry several tokens: TBT then measures chunk gaps, not token gaps.
+        "tokens_per_chunk": tokens / max(1, sum(len(r.chunk_s) for r in done)) if done else None,
         "completed_tokens": tokens,
         "max_served_context": max((r.context_len for r in done), default=0),
         "min_rejected_prompt": min((r.prompt_len for r in records if r.status == REJECTED), default=None),

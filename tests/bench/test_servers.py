@@ -1,11 +1,11 @@
-"""Server-side probes parsed without servers: Prometheus text, preemption log lines, pool occupancy."""
+"""Server-side probes parsed without servers: Prometheus text, pool occupancy."""
 
 from __future__ import annotations
 
 import pytest
 
 from crosspool_sgl.bench.client import check_loopback
-from crosspool_sgl.bench.servers import PREEMPT_LINE, crosspool_kv_used, prometheus_value
+from crosspool_sgl.bench.servers import crosspool_kv_used, prometheus_value
 
 
 def test_prometheus_value_sums_label_sets() -> None:
@@ -19,22 +19,14 @@ def test_prometheus_value_sums_label_sets() -> None:
     assert prometheus_value(text, "absent") == 0.0
 
 
-def test_preempt_lines_counted() -> None:
-    log = (
-        "[scheduler] INFO preempt r1 (qwen3_moe): KV pages short, 40 tokens kept\n"
-        "[scheduler] INFO reclaim 19 cached pages of qwen3_moe (busy) for qwen3_moe\n"
-        "[scheduler] INFO retract r2 (mixtral): KV pages short, 3 tokens kept\n"
-    )
-    assert len(PREEMPT_LINE.findall(log)) == 2
-
-
-def test_kv_used_leaves_out_evictable_cache() -> None:
+def test_kv_used_is_what_requests_hold() -> None:
+    """The server's `used_bytes` already leaves out evictable prefix-cache pages."""
     info = {
-        "kv_pool": {"used_bytes": {"a": 1600, "b": 0}, "used_pages": {"a": 16, "b": 0}},
+        "kv_pool": {"used_bytes": {"a": 1000, "b": 0}, "allocated_pages": {"a": 16, "b": 0}},
         "prefix_cache": {"evictable_pages": {"a": 6, "b": 0}},
     }
     assert crosspool_kv_used(info) == {"a": 1000.0, "b": 0.0}
-    assert crosspool_kv_used({"kv_pool": {"used_bytes": {"a": 5}, "used_pages": {"a": 1}}}) == {"a": 5.0}
+    assert crosspool_kv_used({}) == {}
 
 
 def test_loopback_only() -> None:

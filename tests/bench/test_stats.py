@@ -56,5 +56,8 @@ def test_sse_events() -> None:
     assert apply_event(rec, parse_event(b'data: {"choices": [{"text": "hi"}]}'), 1.0)
     assert apply_event(rec, {"choices": [], "usage": {"completion_tokens": 5}}, 1.1)
     assert rec.chunk_s == [1.0] and rec.first_token_s == 1.0 and rec.completion_tokens == 5
+    assert apply_event(rec, {"choices": [{"text": "", "finish_reason": None}]}, 1.15)  # a held-back token
+    assert apply_event(rec, {"choices": [{"text": "", "finish_reason": "length"}]}, 1.16)  # final: no token
+    assert rec.chunk_s == [1.0, 1.15]
     assert not apply_event(rec, {"error": {"message": "too long"}}, 1.2)
     assert rec.error == "too long"
