@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import random
 import select
 import shlex
@@ -36,7 +35,6 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +86,9 @@ class Workload:
 # ---------------------------------------------------------------------------------- workload
 
 
-def make_prompts(vocab_size: int, batch_sizes: tuple[int, ...], prompt_len: int, repeats: int,
-                 seed: int = 0) -> dict[str, list[list[int]]]:
+def make_prompts(
+    vocab_size: int, batch_sizes: tuple[int, ...], prompt_len: int, repeats: int, seed: int = 0
+) -> dict[str, list[list[int]]]:
     """Fresh random token ids for every call, so no call can reuse another's prefix.
 
     Ids below 16 are skipped: the tiny tokenizers put their special tokens there.
@@ -212,8 +211,12 @@ def serve_worker(side: str, spec_path: Path, reply_fd: int) -> int:
     except Exception as exc:  # noqa: BLE001 - reported in the table, not raised
         replies.write(json.dumps(_failure(side, exc)) + "\n")
         return 1
-    ready = {"status": "ok", "startup_s": time.perf_counter() - start, "info": info,
-             "torch_threads": torch.get_num_threads()}
+    ready = {
+        "status": "ok",
+        "startup_s": time.perf_counter() - start,
+        "info": info,
+        "torch_threads": torch.get_num_threads(),
+    }
     replies.write(json.dumps(ready) + "\n")
     try:
         for line in sys.stdin:
@@ -253,13 +256,29 @@ class WorkerProcess:
     def __init__(self, side: str, spec_path: Path, work_dir: Path, threads: int) -> None:
         self.side, self.log_path = side, work_dir / f"{side}.log"
         read_fd, write_fd = os.pipe()
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--spec", str(spec_path),
-               "--reply-fd", str(write_fd)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            side,
+            "--spec",
+            str(spec_path),
+            "--reply-fd",
+            str(write_fd),
+        ]
         with self.log_path.open("w") as log:
             # Own session: a hung worker is killed with the SGLang children it started.
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                                         env=side_env(side, threads), cwd=ROOT, pass_fds=(write_fd,),
-                                         text=True, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=side_env(side, threads),
+                cwd=ROOT,
+                pass_fds=(write_fd,),
+                text=True,
+                start_new_session=True,
+            )
         os.close(write_fd)
         self.replies = os.fdopen(read_fd)
 
@@ -293,8 +312,9 @@ class WorkerProcess:
         self.replies.close()
 
 
-def start_workers(spec_path: Path, work_dir: Path, threads: int, timeout_s: float
-                  ) -> tuple[dict[str, WorkerProcess], dict[str, dict[str, Any]]]:
+def start_workers(
+    spec_path: Path, work_dir: Path, threads: int, timeout_s: float
+) -> tuple[dict[str, WorkerProcess], dict[str, dict[str, Any]]]:
     """Start the sides one after the other, so neither startup slows the other's."""
     workers, results = {}, {}
     for side in SIDES:
@@ -310,8 +330,9 @@ def start_workers(spec_path: Path, work_dir: Path, threads: int, timeout_s: floa
     return workers, results
 
 
-def measure_interleaved(spec: Workload, workers: dict[str, WorkerProcess], results: dict[str, dict[str, Any]],
-                        timeout_s: float) -> None:
+def measure_interleaved(
+    spec: Workload, workers: dict[str, WorkerProcess], results: dict[str, dict[str, Any]], timeout_s: float
+) -> None:
     """Warm up, then alternate the sides call by call (ABBA order), so drifting background load on a
     shared machine hits both alike. Only one side works at a time; the idle one sleeps."""
     for side, worker in list(workers.items()):
@@ -320,8 +341,11 @@ def measure_interleaved(spec: Workload, workers: dict[str, WorkerProcess], resul
             results[side].update(reply)
             workers.pop(side).close()
     for side in SIDES:
-        results[side]["rows"] = [{"batch": b, "prefill_s": [], "full_s": [], "output_ids": None}
-                                 for b in spec.batch_sizes] if side in workers else []
+        results[side]["rows"] = (
+            [{"batch": b, "prefill_s": [], "full_s": [], "output_ids": None} for b in spec.batch_sizes]
+            if side in workers
+            else []
+        )
         results[side]["loadavg_before"] = os.getloadavg() if side in workers else None
     for r in range(spec.repeats):
         for i, b in enumerate(spec.batch_sizes):
@@ -380,35 +404,20 @@ def greedy_agreement(spec: Workload, results: dict[str, dict[str, Any]]) -> dict
     """Per batch: how many sequences got identical greedy tokens on both sides (same work, same fp32)."""
     out = {}
     for b in spec.batch_sizes:
-        ids = [next((r["output_ids"] for r in results[s].get("rows", []) if r["batch"] == b), None)
-               for s in SIDES]
+        ids = [
+            next((r["output_ids"] for r in results[s].get("rows", []) if r["batch"] == b), None)
+            for s in SIDES
+        ]
         if all(ids):
             out[str(b)] = f"{sum(x == y for x, y in zip(*ids, strict=True))}/{b}"
     return out
 
 
 def describe_machine() -> dict[str, Any]:
-    """What a reader needs to compare these numbers with another run."""
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    mem_kb = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
-                  if ln.startswith("MemTotal"))
-    versions = {}
-    for pkg in ("torch", "sglang", "transformers", "crosspool-sgl"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)),
-        "ram_gib": round(mem_kb / 2**20, 1),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "versions": versions,
-        "device": "no GPU used (device=cpu)",
-    }
+    """The shared machine description (crosspool_sgl.bench.report), plus the cores this process may use."""
+    from crosspool_sgl.bench.report import describe_machine as shared_description
+
+    return {**shared_description(), "usable_cores": len(os.sched_getaffinity(0))}
 
 
 def _fmt(x: float | None, spec: str = ".0f") -> str:
@@ -419,16 +428,19 @@ def render_markdown(report: dict[str, Any]) -> str:
     """The human-readable result: settings first, then the table, then caveats."""
     w, m = report["workload"], report["machine"]
     lines = [
-        "# Decode throughput: crosspool_sgl Engine vs stock sglang.Engine", "",
-        f"- date: {report['date']}", f"- command: `{report['command']}`",
+        "# Decode throughput: crosspool_sgl Engine vs stock sglang.Engine",
+        "",
+        f"- date: {report['date']}",
+        f"- command: `{report['command']}`",
         f"- machine: {m['cpu']}, {m['usable_cores']}/{m['cores']} cores, {m['ram_gib']} GiB RAM, "
-        f"{m['device']}; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        f"{m['gpu']}; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"- model: `{w['model']}` ({w['model_path']}), fp32; prompt {w['prompt_len']} tokens, "
         f"{w['new_tokens']} new tokens, greedy, ignore_eos; medians of {w['repeats']} repeats; "
         f"OMP_NUM_THREADS={w['threads']} on both sides",
         f"- stock: `sglang.Engine({', '.join(f'{k}={v!r}' for k, v in report['settings']['stock'].items())})`"
         f" with {' '.join(f'{k}={v}' for k, v in STOCK_ENV.items())} and PYTHONPATH+=patches/stubs",
-        f"- ours: `Engine({', '.join(f'{k}={v!r}' for k, v in report['settings']['ours'].items())})`", "",
+        f"- ours: `Engine({', '.join(f'{k}={v!r}' for k, v in report['settings']['ours'].items())})`",
+        "",
         "| setup | batch | prefill ms | decode ms/step | decode tok/s | e2e tok/s | ours/stock decode "
         "| ours/stock e2e |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -440,9 +452,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {r['setup']} | {r['batch']} | {_fmt(r['prefill_ms'], '.1f')} | "
             f"{_fmt(r['decode_ms_per_step'], '.2f')} | {_fmt(r['decode_tok_s'])} | {_fmt(r['e2e_tok_s'])} | "
-            f"{_fmt(r.get('ratio_decode'), '.2f')} | {_fmt(r.get('ratio_e2e'), '.2f')} |")
-    lines += ["", "| setup | status | startup s (imports + engine ready) | load avg (1 min) before → after |",
-              "|---|---|---:|---|"]
+            f"{_fmt(r.get('ratio_decode'), '.2f')} | {_fmt(r.get('ratio_e2e'), '.2f')} |"
+        )
+    lines += [
+        "",
+        "| setup | status | startup s (imports + engine ready) | load avg (1 min) before → after |",
+        "|---|---|---:|---|",
+    ]
     for side, s in report["sides"].items():
         before, after = s.get("loadavg_before"), s.get("loadavg_after")
         load = f"{before[0]:.1f} → {after[0]:.1f}" if before and after else "—"
@@ -463,12 +479,15 @@ def build_notes(report: dict[str, Any]) -> list[str]:
         "Decode tok/s = B*(N-1) / (t(N new tokens) - t(1 new token)); e2e tok/s = B*N / t(N new tokens).",
     ]
     cores = report["machine"]["usable_cores"]
-    loads = [s[k][0] for s in report["sides"].values() for k in ("loadavg_before", "loadavg_after")
-             if s.get(k)]
+    loads = [
+        s[k][0] for s in report["sides"].values() for k in ("loadavg_before", "loadavg_after") if s.get(k)
+    ]
     if loads and max(loads) > cores:
-        notes.append(f"The machine was busy (1-min load average up to {max(loads):.1f} on {cores} cores): "
-                     "other processes shared the CPU, so absolute numbers are noisy; the interleaved ratios "
-                     "are the figures to compare.")
+        notes.append(
+            f"The machine was busy (1-min load average up to {max(loads):.1f} on {cores} cores): "
+            "other processes shared the CPU, so absolute numbers are noisy; the interleaved ratios "
+            "are the figures to compare."
+        )
     return notes + stock_divergence_notes(report["workload"])
 
 
@@ -478,15 +497,19 @@ def stock_divergence_notes(workload: dict[str, Any]) -> list[str]:
     config = json.loads((Path(workload["model_path"]) / "config.json").read_text())
     notes = []
     if config.get("model_type") == "qwen3_moe" and config.get("mlp_only_layers"):
-        notes.append(f"Stock SGLang builds every Qwen3-MoE layer as sparse (`stage_facts` ignores "
-                     f"`mlp_only_layers`={config['mlp_only_layers']}) and silently skips those layers' dense "
-                     "MLP weights, running an unloaded expert block there instead: its greedy tokens differ "
-                     "from transformers', while its work per step stays close to the real model's.")
+        notes.append(
+            f"Stock SGLang builds every Qwen3-MoE layer as sparse (`stage_facts` ignores "
+            f"`mlp_only_layers`={config['mlp_only_layers']}) and silently skips those layers' dense "
+            "MLP weights, running an unloaded expert block there instead: its greedy tokens differ "
+            "from transformers', while its work per step stays close to the real model's."
+        )
     window = config.get("sliding_window")
     longest = workload["prompt_len"] + workload["new_tokens"]
     if config.get("model_type") == "mixtral" and window and longest > window:
-        notes.append(f"Stock SGLang's Mixtral ignores `sliding_window`={window}: past that length it attends "
-                     "to every token, so its greedy tokens drift from transformers'.")
+        notes.append(
+            f"Stock SGLang's Mixtral ignores `sliding_window`={window}: past that length it attends "
+            "to every token, so its greedy tokens drift from transformers'."
+        )
     return notes
 
 
@@ -521,8 +544,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "machine": describe_machine(),
         "workload": {k: v for k, v in asdict(spec).items() if k != "prompts"},
-        "settings": {"stock": {**STOCK_ENGINE_KWARGS, "max_total_tokens": spec.max_total_tokens},
-                     "ours": results["ours"].get("info", {}).get("engine_kwargs", OURS_ENGINE_KWARGS)},
+        "settings": {
+            "stock": {**STOCK_ENGINE_KWARGS, "max_total_tokens": spec.max_total_tokens},
+            "ours": results["ours"].get("info", {}).get("engine_kwargs", OURS_ENGINE_KWARGS),
+        },
         "sides": {s: {k: v for k, v in r.items() if k != "rows"} for s, r in results.items()},
         "rows": build_rows(spec, results),
         "greedy_agreement": greedy_agreement(spec, results),

@@ -1,6 +1,6 @@
 """Wait for a crosspool server, then send a first request to every hosted model (the demo's last step).
 
-    python launch/first_request.py --url http://127.0.0.1:30000
+python launch/first_request.py --url http://127.0.0.1:30000
 """
 
 from __future__ import annotations

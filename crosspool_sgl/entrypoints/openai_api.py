@@ -128,31 +128,8 @@ class Choices:
     async def collect(self, request: Request) -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(self.tm.collect(s, request.is_disconnected) for s in self.states)))
 
-    async def stream(self) -> AsyncIterator[tuple[int, dict[str, Any]]]:
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(index: int, state: Any) -> None:
-            try:
-                async for result in self.tm.wait_for(state):
-                    await queue.put((index, result, None))
-            except RequestError as e:
-                await queue.put((index, None, e))
-            await queue.put((index, None, None))
-
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self.states)]
-        try:
-            live = len(tasks)
-            while live:
-                index, result, err = await queue.get()
-                if err is not None:
-                    raise err
-                if result is None:
-                    live -= 1
-                    continue
-                yield index, result
-        finally:
-            for t in tasks:  # on disconnect: cancelling a pump aborts its request in the scheduler
-                t.cancel()
+    def stream(self) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        return self.tm.merge_streams(self.states)
 
 
 def build_openai_router(tm: MultiModelTokenizerManager) -> APIRouter:

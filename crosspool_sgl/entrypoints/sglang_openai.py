@@ -180,37 +180,11 @@ class ModelFrontend:
                 results = await asyncio.gather(*(self.tm.collect(s, is_disconnected) for s in states))
                 yield [self._shape(r) for r in results]
             else:
-                async for index, result in self._merge(states):
+                async for index, result in self.tm.merge_streams(states):
                     result["index"] = index
                     yield self._shape(result)
         except RequestError as e:
             raise _to_request_error(e) from e
-
-    async def _merge(self, states: list[Any]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(index: int, state: Any) -> None:
-            try:
-                async for result in self.tm.wait_for(state):
-                    await queue.put((index, result, None))
-            except RequestError as e:
-                await queue.put((index, None, e))
-            await queue.put((index, None, None))
-
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(states)]
-        try:
-            live = len(tasks)
-            while live:
-                index, result, err = await queue.get()
-                if err is not None:
-                    raise err
-                if result is None:
-                    live -= 1
-                    continue
-                yield index, result
-        finally:
-            for t in tasks:  # cancelling a pump aborts its request in the scheduler
-                t.cancel()
 
 
 def _openai_error_body(cls: type) -> type:

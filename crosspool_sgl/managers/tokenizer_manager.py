@@ -273,6 +273,36 @@ class MultiModelTokenizerManager:
             final = result
         return final
 
+    async def merge_streams(self, states: list[ReqState]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        """(index, cumulative result) of several submitted requests as they arrive (n > 1, batches).
+
+        Leaving early (a disconnect) cancels the pumps, which aborts their requests in the scheduler.
+        """
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, state: ReqState) -> None:
+            try:
+                async for result in self.wait_for(state):
+                    await queue.put((index, result, None))
+            except RequestError as e:
+                await queue.put((index, None, e))
+            await queue.put((index, None, None))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(states)]
+        try:
+            live = len(tasks)
+            while live:
+                index, result, err = await queue.get()
+                if err is not None:
+                    raise err
+                if result is None:
+                    live -= 1
+                    continue
+                yield index, result
+        finally:
+            for t in tasks:
+                t.cancel()
+
     def submit_all(self, objs: list[GenerateInput]) -> list[ReqState]:
         """Submit a batch atomically: if one is invalid, the ones already sent are aborted."""
         states: list[ReqState] = []

@@ -90,4 +90,3 @@ def test_pools_return_to_idle_baseline(results):
     for partition in ("shared", "static"):
         assert results[partition]["request_pages_after"] == 0
         assert results[partition]["pages_after_flush"] == 0
-
