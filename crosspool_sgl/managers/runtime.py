@@ -114,7 +114,7 @@ def build_runtime(args: EngineArgs) -> Runtime:
             chunked_prefill_size=args.scheduler.chunked_prefill_size,
         ),
         admission_key=lambda r: planner.admission_deadline(r.model, r.arrival_time),
-        victim_key=lambda r: planner.victim_key(r.model, r.arrival_time),
+        victim_key=lambda r: planner.victim_key(r.model, r.arrival_time, r.num_cached),
     )
     scheduler = (ffn_side.scheduler_cls if ffn_side else MultiModelScheduler)(
         runner,

@@ -9,7 +9,7 @@ answers questions; the pool and the scheduler act on the answers.
 - static partition (`--kv-partition static`): floor = ceiling = an equal share,
   kept for comparison — the deployment CrossPool replaces.
 - SLO targets (ttft_ms, tbt_ms) order admission (earliest TTFT deadline first)
-  and choose preemption victims (loosest TBT target, then youngest).
+  and choose preemption victims (loosest TBT target, then least computed, then youngest).
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ class KVPlanner:
         ttft = self.policies.get(model, ModelKVPolicy()).ttft_ms or DEFAULT_TTFT_MS
         return arrival_time + ttft / 1000.0
 
-    def victim_key(self, model: str, arrival_time: float) -> tuple[float, float]:
-        """Larger = preempted first: the loosest TBT target, then the youngest request."""
+    def victim_key(self, model: str, arrival_time: float, computed_tokens: int = 0) -> tuple[float, ...]:
+        """Larger = preempted first: the loosest TBT target, then the least work lost (a retracted
+        long prompt must be prefilled again: on the long-context trace, preempting the youngest
+        re-prefilled 11k-token prompts 13 times), then the youngest request."""
         tbt = self.policies.get(model, ModelKVPolicy()).tbt_ms
-        return (float("inf") if tbt is None else tbt, arrival_time)
+        return (float("inf") if tbt is None else tbt, -computed_tokens, arrival_time)

@@ -54,3 +54,5 @@ def test_slo_orders_admission_and_victims():
     # the model without a TBT target is preempted first, then the youngest
     assert p.victim_key("slow", 0.0) > p.victim_key("fast", 9.0)
     assert p.victim_key("slow", 2.0) > p.victim_key("slow", 1.0)
+    # among equal targets, the request with the least computed KV goes first (cheapest to redo)
+    assert p.victim_key("slow", 1.0, computed_tokens=10) > p.victim_key("slow", 2.0, computed_tokens=9000)
