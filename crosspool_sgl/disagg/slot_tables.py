@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from crosspool_sgl.mem.weight_pool import expert_shape
+
 
 class SlotTablePool:
     """Numbers FFN slots in load order, as `WeightPool.add_expert` does, and stores no bytes."""
@@ -29,11 +31,7 @@ class SlotTablePool:
     def add_expert(
         self, model: str, layer: int, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
     ) -> int:
-        inter, hidden = gate.shape
-        if up.shape != (inter, hidden) or down.shape != (hidden, inter):
-            raise ValueError(
-                f"{model} layer {layer} expert {expert}: gate/up/down shapes do not fit together"
-            )
+        inter, hidden = expert_shape(f"{model} layer {layer} expert {expert}", gate, up, down)
         slot = self._num_slots
         self._num_slots += 1
         self.expert_to_slot[(model, layer, expert)] = slot

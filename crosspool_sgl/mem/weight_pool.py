@@ -24,6 +24,17 @@ from dataclasses import dataclass
 import torch
 
 
+def expert_shape(name: str, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tuple[int, int]:
+    """(I, H) of an expert whose gate [I, H], up [I, H] and down [H, I] fit together, else ValueError."""
+    inter, hidden = gate.shape
+    if up.shape != (inter, hidden) or down.shape != (hidden, inter):
+        raise ValueError(
+            f"{name}: gate {tuple(gate.shape)}, up {tuple(up.shape)}, down {tuple(down.shape)} "
+            "do not fit together"
+        )
+    return inter, hidden
+
+
 class WeightPoolFullError(RuntimeError):
     """The arena can't hold the block even after compaction and growth up to ``max_bytes``."""
 
@@ -79,12 +90,7 @@ class WeightPool:
         self, model: str, layer: int, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
     ) -> int:
         """Copy one expert's gate [I, H], up [I, H] and down [H, I] into the arena; returns its slot."""
-        inter, hidden = gate.shape
-        if up.shape != (inter, hidden) or down.shape != (hidden, inter):
-            raise ValueError(
-                f"{model} layer {layer} expert {expert}: gate {tuple(gate.shape)}, "
-                f"up {tuple(up.shape)}, down {tuple(down.shape)} do not fit together"
-            )
+        inter, hidden = expert_shape(f"{model} layer {layer} expert {expert}", gate, up, down)
         slot = len(self._slot_rows)
         self._slot_rows.append((0, 0, hidden, inter))
         self._slot_resident.append(False)
