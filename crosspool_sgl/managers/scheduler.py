@@ -145,6 +145,9 @@ class MultiModelScheduler:
 
     def _reclaim(self, blocked: Req, pages: int) -> bool:
         """Evict cached prefixes — idle models first, then busy ones — until `blocked` fits."""
+        pinned = any(r.pages for r in self.waiting if r is not blocked)
+        if not pinned and not self.prefix_cache.evictable_pages():
+            return False  # nothing to win back: skip the per-model scans on this (frequent) path
         self._unpin_waiting(keep=blocked)
         busy = {r.model for r in self.running} | {r.model for r in self.waiting}
         order = sorted(self.kv_pool.views, key=lambda m: (m in busy, m != blocked.model))
