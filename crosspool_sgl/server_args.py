@@ -41,8 +41,14 @@ class WeightPoolArgs:
 
 @dataclass(frozen=True)
 class SchedulerArgs:
+    """Batching and isolation knobs (see managers/schedule_policy.py for what each bounds)."""
+
     max_running_requests: int = 64
     chunked_prefill_size: int = 1024
+    decode_step_slowdown: float = 2.0  # a step with decodes takes at most this x its decodes alone
+    prefill_step_budget_ms: float = 50.0  # a step without decodes
+    max_request_share: float = 0.5  # of the pool, for one request while others queue
+    working_set_window_s: float = 10.0  # how long a model keeps the memory its demand reached
 
 
 @dataclass(frozen=True)

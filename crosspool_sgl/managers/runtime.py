@@ -13,8 +13,10 @@ import torch
 from crosspool_sgl.disagg.setup import start_ffn_side
 from crosspool_sgl.layers.attention import create_attention_backend
 from crosspool_sgl.managers.model_runner import ModelRunner
+from crosspool_sgl.managers.req import Req
 from crosspool_sgl.managers.schedule_policy import PolicyArgs, SchedulePolicy
 from crosspool_sgl.managers.scheduler import MultiModelScheduler
+from crosspool_sgl.managers.step_cost import ModelCost, StepCostModel
 from crosspool_sgl.mem.kv_planner import KVPlanner, ModelKVPolicy
 from crosspool_sgl.mem.kv_pool import KVGeometry, KVPool
 from crosspool_sgl.mem.prefix_cache import PrefixCache
@@ -106,16 +108,7 @@ def build_runtime(args: EngineArgs) -> Runtime:
     else:
         runner = ffn_side.make_runner(models, kv_pool, device)
     tokenizers = {s.name: _load_tokenizer(s.path) for s in args.models}
-    planner = kv_pool.planner
-    policy = SchedulePolicy(
-        PolicyArgs(
-            page_tokens=kv_pool.page_tokens,
-            max_running_requests=args.scheduler.max_running_requests,
-            chunked_prefill_size=args.scheduler.chunked_prefill_size,
-        ),
-        admission_key=lambda r: planner.admission_deadline(r.model, r.arrival_time),
-        victim_key=lambda r: planner.victim_key(r.model, r.arrival_time, r.num_cached),
-    )
+    policy = _build_policy(args, kv_pool, configs)
     scheduler = (ffn_side.scheduler_cls if ffn_side else MultiModelScheduler)(
         runner,
         kv_pool,
@@ -136,6 +129,38 @@ def build_runtime(args: EngineArgs) -> Runtime:
         attn.name,
     )
     return Runtime(scheduler, kv_pool, weight_pool, models, tokenizers, device, dtype, residency)
+
+
+def _build_policy(args: EngineArgs, kv_pool: KVPool, configs: dict[str, ModelConfig]) -> SchedulePolicy:
+    """The batching policy, its step cost model and the planner's SLO keys."""
+    planner = kv_pool.planner
+    cost = StepCostModel(
+        {
+            n: ModelCost.from_config(c.num_layers, c.hidden_size, c.num_heads, c.head_dim)
+            for n, c in configs.items()
+        }
+    )
+    sched = args.scheduler
+
+    def admission_key(r: Req) -> float:
+        prefill_ms = cost.extra_ms(r.model, len(r.input_ids), 0, model_in_step=True)
+        return planner.admission_deadline(r.model, r.arrival_time, prefill_ms / 1e3)
+
+    return SchedulePolicy(
+        PolicyArgs(
+            page_tokens=kv_pool.page_tokens,
+            max_running_requests=sched.max_running_requests,
+            chunked_prefill_size=sched.chunked_prefill_size,
+            decode_step_slowdown=sched.decode_step_slowdown,
+            prefill_step_budget_ms=sched.prefill_step_budget_ms,
+            max_request_share=sched.max_request_share,
+        ),
+        admission_key=admission_key,
+        victim_key=lambda r: planner.victim_key(r.model, r.arrival_time, r.num_cached),
+        cost=cost,
+        tbt_targets_ms={s.name: s.tbt_ms for s in args.models if s.tbt_ms},
+        pool_pages={m: kv_pool.total_bytes // kv_pool.page_bytes(m) for m in kv_pool.views},
+    )
 
 
 def _build_residency(args: EngineArgs, pool: WeightPool) -> ResidencyManager:
@@ -164,7 +189,13 @@ def _build_kv_pool(args: EngineArgs, configs: dict[str, ModelConfig], device, dt
     policies = {
         s.name: ModelKVPolicy(s.kv_floor_bytes, s.kv_ceiling_bytes, s.ttft_ms, s.tbt_ms) for s in args.models
     }
-    pool.planner = KVPlanner(chunk, pool.num_chunks, policies, args.kv_pool.partition == "static")
+    pool.planner = KVPlanner(
+        chunk,
+        pool.num_chunks,
+        policies,
+        args.kv_pool.partition == "static",
+        working_set_window_s=args.scheduler.working_set_window_s,
+    )
     return pool
 
 

@@ -1,19 +1,39 @@
-"""Which requests run next: a pure function of the queues and a page budget (no model, no pool).
+"""Which requests run next: a pure function of the queues, a page budget and a cost model.
 
-Order of business each step: keep every running decode going (retracting
-victims chosen by the KV planner — loosest TBT target, then youngest — if
-their pages can't be found), continue chunked prefills, then admit waiting
-requests in TTFT-deadline order within the token budget. When the head of
-the queue does not fit, the plan says so (`blocked`) so the scheduler can
-reclaim cached prefixes and plan again.
+Order of business each step:
+
+1. Keep every running decode going, retracting victims chosen by the KV planner (loosest
+   TBT target, then least computed, then youngest) if their pages can't be found.
+2. Fill the rest of the step with prefill chunks — continuing ones and new admissions in
+   one priority order (the planner's deadline: arrival + TTFT target + weighted prefill
+   time, so short prompts go before long ones and a long one ages past later arrivals).
+   A step that carries decodes stays within a *time* budget: the tightest TBT target of
+   its decoding models, else `decode_step_slowdown` x what its decodes alone cost; a step
+   without decodes within `prefill_step_budget_ms`. Chunk sizes come from the step cost
+   model (attention cost grows with context: 256 tokens at 10k context are not 256 tokens
+   at 0). While others are queued, a prefill under way takes at most half of what is left.
+3. Memory isolation at admission: a new request must fit with its whole prompt and a
+   share of its output (`decode_headroom`) beside what running requests will still need,
+   inside what the planner lets its model claim (other models keep their working sets).
+   A request that does not fit does not block the queue — except once it is *overdue*
+   (past its deadline): then it may take other models' working sets, and no later request
+   is admitted until it fits (a reservation, as in backfilling schedulers), so it is never
+   starved. One request needing more than `max_request_share` of the pool waits while
+   other requests are queued, until it is overdue.
+
+When something did not fit, the plan says so (`blocked`) so the scheduler can reclaim
+cached prefixes and plan again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from crosspool_sgl.managers.req import Req
+from crosspool_sgl.managers.req import Req, ReqState
+from crosspool_sgl.managers.step_cost import StepCostModel
 from crosspool_sgl.mem.kv_pool import PageBudget
 
 
@@ -21,14 +41,20 @@ from crosspool_sgl.mem.kv_pool import PageBudget
 class PolicyArgs:
     page_tokens: int
     max_running_requests: int = 64
-    chunked_prefill_size: int = 1024  # new tokens per step, decodes included
+    chunked_prefill_size: int = 1024  # most new tokens per step, decodes included
     # Share of each request's remaining max_new_tokens kept free for its decode when admitting
     # new prefills: without it a burst admits prefills that running decodes then have to preempt
     # (measured: 101 preemptions and 25 client timeouts on the bursty benchmark trace).
     decode_headroom: float = 0.5
-    # Prefill tokens a step may carry while requests are decoding: a long prompt's 1024-token chunk
-    # stalls every decode in that step (long-context trace: ordinary TBT P99 25 ms on stock vs 395 ms).
+    # Used only without a cost model: prefill tokens a step may carry while requests decode.
     prefill_tokens_with_decodes: int = 256
+    # Time budgets (with a cost model). A step carrying decodes may take this many times what its
+    # decodes alone cost (unless a TBT target is tighter): prefill never more than doubles a TBT.
+    decode_step_slowdown: float = 2.0
+    min_decode_step_ms: float = 4.0  # budget floor: below it a step can't carry a useful chunk
+    prefill_step_budget_ms: float = 50.0  # a step without decodes (bounds new arrivals' wait)
+    # One request may hold at most this share of its model's view of the pool while others queue.
+    max_request_share: float = 0.5
 
 
 @dataclass
@@ -37,6 +63,7 @@ class BatchPlan:
     retract: list[Req] = field(default_factory=list)
     admit: list[Req] = field(default_factory=list)  # subset of items' requests that were waiting
     blocked: tuple[Req, int] | None = None  # (request, pages) that did not fit this step
+    blocked_overdue: bool = False  # the blocked request is past its deadline (reclaim for it)
 
     @property
     def empty(self) -> bool:
@@ -52,63 +79,130 @@ def _fifo(req: Req) -> float:
     return req.arrival_time
 
 
+class _StepFill:
+    """What is left of one step's token and time budgets while prefill chunks are added."""
+
+    def __init__(self, policy: SchedulePolicy, decodes: list[Req]) -> None:
+        args, cost = policy.args, policy.cost
+        self.cost = cost
+        self.models = {r.model for r in decodes}
+        self.tokens_left = args.chunked_prefill_size - len(decodes)
+        self.has_decodes = bool(decodes)
+        if cost is None:
+            self.ms_left = math.inf
+            if decodes:
+                self.tokens_left = min(self.tokens_left, args.prefill_tokens_with_decodes)
+            return
+        decode_ms = cost.estimate_ms((r.model, 1, r.num_cached) for r in decodes)
+        if decodes:
+            budget = max(args.decode_step_slowdown * decode_ms, args.min_decode_step_ms)
+            targets = [policy.tbt_targets_ms[m] for m in self.models if m in policy.tbt_targets_ms]
+            budget = min([budget, *targets])
+        else:
+            budget = args.prefill_step_budget_ms
+        self.ms_left = budget - decode_ms
+
+    def chunk_for(self, req: Req, share: float) -> int:
+        """New tokens of `req` within `share` of what is left (0: nothing fits)."""
+        n = min(req.num_uncached, int(self.tokens_left * share) or self.tokens_left)
+        if self.cost is not None:
+            fit = self.cost.max_tokens(
+                req.model, req.num_cached, self.ms_left * share, req.model in self.models
+            )
+            n = min(n, fit)
+        return max(n, 0)
+
+    def add(self, req: Req, n: int) -> None:
+        if self.cost is not None:
+            self.ms_left -= self.cost.extra_ms(req.model, n, req.num_cached, req.model in self.models)
+        self.models.add(req.model)
+        self.tokens_left -= n
+
+    @property
+    def exhausted(self) -> bool:
+        return self.tokens_left <= 0 or self.ms_left <= 0
+
+
 class SchedulePolicy:
     def __init__(
         self,
         args: PolicyArgs,
         admission_key: Callable[[Req], float] = _fifo,
         victim_key: Callable[[Req], tuple] = lambda r: (r.arrival_time,),
+        cost: StepCostModel | None = None,
+        tbt_targets_ms: Mapping[str, float] | None = None,
+        pool_pages: Mapping[str, int] | None = None,
     ) -> None:
         self.args = args
         self.admission_key = admission_key
         self.victim_key = victim_key
+        self.cost = cost
+        self.tbt_targets_ms = dict(tbt_targets_ms or {})
+        self.pool_pages = dict(pool_pages or {})  # each model's view of the whole pool, in pages
 
-    def next_batch(self, waiting: Iterable[Req], running: list[Req], budget: PageBudget) -> BatchPlan | None:
+    def next_batch(
+        self, waiting: Iterable[Req], running: list[Req], budget: PageBudget, now: float | None = None
+    ) -> BatchPlan | None:
+        now = time.monotonic() if now is None else now
         plan = BatchPlan()
         waiting = list(waiting)
         keep = self._schedule_running(running, budget, plan)
-        num_decodes = len(plan.items)
-        tokens_left = self.args.chunked_prefill_size - num_decodes
-        if num_decodes:
-            tokens_left = min(tokens_left, self.args.prefill_tokens_with_decodes)
-        # Half the budget stays for new arrivals while a long prefill is under way (no starvation).
-        share = tokens_left // 2 if waiting else tokens_left
-        for req in keep:  # unfinished chunked prefills
-            if req.num_uncached > 1 and tokens_left > 0:
-                n = min(req.num_uncached, max(share, 1), tokens_left)
-                need = pages_for(req, n, self.args.page_tokens)
-                if not budget.try_take(req.model, need):
-                    plan.blocked = plan.blocked or (req, need)
-                    continue
-                plan.items.append((req, n))
-                tokens_left -= n
-        num_running = len(keep)
-        headroom = budget.copy()  # what admissions may use once running decodes keep their share
-        reserved = [headroom.try_take(r.model, self._future_pages(r, 0)) for r in keep]
-        room = all(reserved)  # running decodes' headroom already exceeds what is free: admit nothing
-        for req in sorted(waiting, key=self.admission_key):
-            if tokens_left <= 0 or num_running >= self.args.max_running_requests:
+        step = _StepFill(self, [r for r, _ in plan.items])
+        headroom = budget.copy()  # what admissions may use once running requests keep their share
+        room = all([headroom.try_take(r.model, self.future_pages(r, 0)) for r in keep])
+        candidates = [r for r in keep if r.num_uncached > 1] + waiting
+        candidates.sort(key=self.admission_key)
+        num_running, admitting, num_prefills = len(keep), True, 0
+        for i, req in enumerate(candidates):
+            if step.exhausted and num_prefills:
                 break
-            n = min(req.num_uncached, tokens_left)
+            is_new = req.state is ReqState.WAITING
+            overdue = now >= self.admission_key(req)
+            if is_new and (not admitting or num_running >= self.args.max_running_requests):
+                continue
+            if is_new and not overdue and len(waiting) > 1 and self.oversized(req):
+                continue  # waits while others are queued, until it is overdue
+            # a prefill under way leaves half of what is left to those queued behind it
+            n = step.chunk_for(req, 0.5 if not is_new and i + 1 < len(candidates) else 1.0)
+            if n == 0:
+                if num_prefills or (step.has_decodes and not overdue):
+                    continue  # a cheaper request further down may still fit
+                n = min(req.num_uncached, self.args.page_tokens)  # progress: one page at least
             need = pages_for(req, n, self.args.page_tokens)
-            future = self._future_pages(req, n)
-            if num_running and not (room and headroom.copy().try_take(req.model, future)):
-                plan.blocked = plan.blocked or (req, future)
-                break  # in deadline order: don't let later requests overtake
-            if not budget.try_take(req.model, need):
-                plan.blocked = plan.blocked or (req, need)
-                break
-            headroom.try_take(req.model, future)
+            future = self.future_pages(req, n)
+            if is_new and num_running and not (room and headroom.copy().try_take(req.model, future, overdue)):
+                admitting = self._blocked(plan, req, future, overdue) and admitting
+                continue
+            if not budget.try_take(req.model, need, overdue):
+                admitting = self._blocked(plan, req, need, overdue) and admitting
+                continue
+            if is_new:
+                headroom.try_take(req.model, future, overdue)
+                plan.admit.append(req)
+                num_running += 1
             plan.items.append((req, n))
-            plan.admit.append(req)
-            tokens_left -= n
-            num_running += 1
-        return None if plan.empty else plan
+            step.add(req, n)
+            num_prefills += 1
+        return None if plan.empty and plan.blocked is None else plan
 
-    def _future_pages(self, req: Req, new_tokens: int) -> int:
-        """Pages for `new_tokens` now plus the decode headroom of the rest of its generation."""
+    @staticmethod
+    def _blocked(plan: BatchPlan, req: Req, pages: int, overdue: bool) -> bool:
+        """Note what did not fit; returns whether later requests may still be admitted (not when an
+        overdue request waits: what frees up is kept for it)."""
+        if plan.blocked is None or (overdue and not plan.blocked_overdue):
+            plan.blocked, plan.blocked_overdue = (req, pages), overdue
+        return not overdue
+
+    def oversized(self, req: Req) -> bool:
+        total = self.pool_pages.get(req.model)
+        if not total:
+            return False
+        return pages_for(req, req.num_uncached, self.args.page_tokens) > self.args.max_request_share * total
+
+    def future_pages(self, req: Req, new_tokens: int = 0) -> int:
+        """Pages for the rest of its prompt (at least `new_tokens`) plus its decode headroom."""
         remaining = max(req.params.max_new_tokens - len(req.output_ids), 0)
-        ahead = new_tokens + int(remaining * self.args.decode_headroom)
+        ahead = max(new_tokens, req.num_uncached) + int(remaining * self.args.decode_headroom)
         return pages_for(req, ahead, self.args.page_tokens)
 
     def _schedule_running(self, running: list[Req], budget: PageBudget, plan: BatchPlan) -> list[Req]:
@@ -120,7 +214,8 @@ class SchedulePolicy:
             for r in decodes:
                 need[r.model] = need.get(r.model, 0) + pages_for(r, 1, self.args.page_tokens)
             trial = budget.copy()
-            if all(trial.try_take(m, n) for m, n in need.items()):
+            # privileged: a running decode may use other models' working sets, never their floors
+            if all(trial.try_take(m, n, True) for m, n in need.items()):
                 budget.spare_pages, budget.free_chunks, budget.owned = (
                     trial.spare_pages,
                     trial.free_chunks,

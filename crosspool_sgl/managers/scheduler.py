@@ -102,20 +102,51 @@ class MultiModelScheduler:
     # ---- the loop body ------------------------------------------------------------------
     def step(self) -> list[ReqOutput]:
         """One scheduling step; returns the outputs produced since the last call."""
+        now = time.monotonic()
         self._match_prefixes()
+        self._observe_demand(now)
         waiting = self._admissible()
-        plan = self.policy.next_batch(waiting, self.running, page_budget(self.kv_pool))
-        if plan is not None and plan.blocked is not None and self._reclaim(*plan.blocked):
-            plan = self.policy.next_batch(waiting, self.running, page_budget(self.kv_pool))
-        if plan is None:
+        plan = self.policy.next_batch(waiting, self.running, page_budget(self.kv_pool), now)
+        if (
+            plan is not None
+            and plan.blocked is not None
+            and self._reclaim(*plan.blocked, plan.blocked_overdue)
+        ):
+            plan = self.policy.next_batch(waiting, self.running, page_budget(self.kv_pool), now)
+        if plan is None or plan.empty:
             self._reject_unservable()
         else:
             items = self.apply(plan)
             if items:
-                self.postprocess(items, self.runner.run(items))
+                self.postprocess(items, self._run_timed(items))
             self.num_steps += 1
         out, self._outputs = self._outputs, []
         return out
+
+    def _run_timed(self, items: list[tuple[Req, int]]) -> dict[str, StepResult]:
+        """Run the step and teach the cost model what it took."""
+        work = [(req.model, n, req.num_cached) for req, n in items]
+        start = time.perf_counter()
+        results = self.runner.run(items)
+        if self.policy.cost is not None:
+            self.policy.cost.observe(work, (time.perf_counter() - start) * 1e3)
+        return results
+
+    def _observe_demand(self, now: float) -> None:
+        """Tell the planner what each model's requests hold or will need (its working set follows)."""
+        planner = self.kv_pool.planner
+        if planner is None:
+            return
+        pages: dict[str, int] = {}
+        for req in self.running:
+            pages[req.model] = pages.get(req.model, 0) + len(req.pages) + self.policy.future_pages(req)
+        for req in self.waiting:
+            if not self.policy.oversized(req):  # one huge prompt is not the model's working set
+                pages[req.model] = pages.get(req.model, 0) + self.policy.future_pages(req)
+        chunk = self.kv_pool.chunk_bytes
+        planner.observe_demand(
+            {m: -(-n * self.kv_pool.page_bytes(m) // chunk) for m, n in pages.items()}, now
+        )
 
     def _admissible(self) -> list[Req]:
         """Waiting requests whose model's experts are resident; polls the residency manager
@@ -143,20 +174,30 @@ class MultiModelScheduler:
             if req is not keep and req.pages:
                 self._release_pages(req)
 
-    def _reclaim(self, blocked: Req, pages: int) -> bool:
-        """Evict cached prefixes — idle models first, then busy ones — until `blocked` fits."""
+    def _reclaim(self, blocked: Req, pages: int, overdue: bool = False) -> bool:
+        """Evict cached prefixes — idle models first, then busy ones — until `blocked` fits.
+
+        All or nothing: when even evicting every unreferenced prefix would not let `blocked`
+        fit (the pool is held by requests, or other models' working sets protect it), nothing
+        is evicted. Evicting a busy model's cache page by page for a request that still cannot
+        run was the thrash of the long-context trace ("reclaim 8 cached pages of <warm model>
+        (busy)" many times a second while nothing got admitted).
+        """
         pinned = any(r.pages for r in self.waiting if r is not blocked)
         if not pinned and not self.prefix_cache.evictable_pages():
             return False  # nothing to win back: skip the per-model scans on this (frequent) path
+        if not self._fits_after_reclaim(blocked, pages, overdue):
+            return False
         self._unpin_waiting(keep=blocked)
         busy = {r.model for r in self.running} | {r.model for r in self.waiting}
         order = sorted(self.kv_pool.views, key=lambda m: (m in busy, m != blocked.model))
         evicted_any = False
         for model in order:
+            batch = max(pages, self.kv_pool.chunk_bytes // self.kv_pool.page_bytes(model))
             while self.prefix_cache.evictable_pages(model):
-                if page_budget(self.kv_pool).try_take(blocked.model, pages):
+                if page_budget(self.kv_pool).try_take(blocked.model, pages, overdue):
                     return evicted_any
-                n = self.prefix_cache.evict(model, max(pages, 8))
+                n = self.prefix_cache.evict(model, batch)
                 self._count("reclaim", model, n)
                 logger.info(
                     "reclaim %d cached pages of %s (%s) for %s",
@@ -167,6 +208,19 @@ class MultiModelScheduler:
                 )
                 evicted_any = True
         return evicted_any
+
+    def _fits_after_reclaim(self, blocked: Req, pages: int, overdue: bool) -> bool:
+        """Would `blocked` fit if every unreferenced cached page (pinned ones included) were freed?"""
+        trial = page_budget(self.kv_pool)
+        cached: dict[str, int] = {m: self.prefix_cache.evictable_pages(m) for m in self.kv_pool.views}
+        for req in self.waiting:
+            if req is not blocked and req.pages:
+                cached[req.model] = cached.get(req.model, 0) + len(req.pages)
+        for model, n in cached.items():
+            chunks = n * self.kv_pool.page_bytes(model) // self.kv_pool.chunk_bytes
+            trial.free_chunks += chunks
+            trial.owned[model] = max(trial.owned.get(model, 0) - chunks, 0)
+        return trial.try_take(blocked.model, pages, overdue)
 
     def request_pages(self, model: str | None = None) -> int:
         """KV pages held by requests (allocated pages minus unreferenced cached prefixes)."""
@@ -193,7 +247,8 @@ class MultiModelScheduler:
             if req.state is not ReqState.RUNNING:
                 continue  # retracted in this same plan
             need = pages_for(req, n, self.kv_pool.page_tokens)
-            pages = self.kv_pool.alloc(req.model, need) if need else []
+            # privileged: the plan already left other models their working sets
+            pages = self.kv_pool.alloc(req.model, need, privileged=True) if need else []
             if pages is None:  # the budget was optimistic: retry next step
                 self._retract(req)
                 continue

@@ -148,12 +148,13 @@ class KVPool:
         # Conservative: a fresh chunk holds at least chunk//page - 1 whole pages whatever its alignment.
         return page_budget(self).try_take(model, num_pages)
 
-    def alloc(self, model: str, num_pages: int) -> list[int] | None:
-        """Take `num_pages` pages for `model`, or None (nothing taken) when the arena is full."""
+    def alloc(self, model: str, num_pages: int, privileged: bool = False) -> list[int] | None:
+        """Take `num_pages` pages for `model`, or None (nothing taken) when the arena is full
+        (`privileged`: see `KVPlanner.may_claim`)."""
         view = self.views[model]
         claimed: list[int] = []
         while len(view.free_pages) < num_pages:
-            chunk = self._claim_chunk(view)
+            chunk = self._claim_chunk(view, privileged)
             if chunk is None:
                 for c in claimed:  # roll back: leave the pool exactly as it was
                     self._release_chunk(view, c)
@@ -225,12 +226,12 @@ class KVPool:
     def owned_chunks(self) -> dict[str, int]:
         return {m: len(v.owned_chunks) for m, v in self.views.items()}
 
-    def _claim_chunk(self, view: _ModelView) -> int | None:
+    def _claim_chunk(self, view: _ModelView, privileged: bool = False) -> int | None:
         """Own one more chunk, preferring a neighbour of an owned one (fewer straddling pages lost)."""
         if not self.free_chunks:
             return None
         if self.planner is not None:
-            if not self.planner.may_claim(view.name, self.owned_chunks(), len(self.free_chunks)):
+            if not self.planner.may_claim(view.name, self.owned_chunks(), len(self.free_chunks), privileged):
                 return None
         neighbours = [c for o in view.owned_chunks for c in (o - 1, o + 1) if c in self.free_chunks]
         chunk = min(neighbours) if neighbours else min(self.free_chunks)
@@ -266,7 +267,9 @@ class PageBudget:
             dict(self.spare_pages), self.pages_per_chunk, self.free_chunks, dict(self.owned), self.planner
         )
 
-    def try_take(self, model: str, num_pages: int) -> bool:
+    def try_take(self, model: str, num_pages: int, privileged: bool = False) -> bool:
+        """Spend `num_pages` of `model`'s capacity if the planner allows it (`privileged`: an overdue
+        request, which may take other models' working sets but not their static floors)."""
         spare = self.spare_pages[model]
         if spare >= num_pages:
             self.spare_pages[model] = spare - num_pages
@@ -280,7 +283,7 @@ class PageBudget:
         if self.planner is not None:
             owned = dict(self.owned)
             for i in range(chunks):
-                if not self.planner.may_claim(model, owned, self.free_chunks - i):
+                if not self.planner.may_claim(model, owned, self.free_chunks - i, privileged):
                     return False
                 owned[model] = owned.get(model, 0) + 1
             self.owned = owned

@@ -4,7 +4,7 @@ Three models get bursts one after another (cold models rarely peak together):
 the pool is far below the sum of the models' burst demands but above any one
 burst. Shared: every request completes, and a long-context request takes
 capacity a static partition would keep for idle models. Static: the same
-workload stalls (preemptions, more steps) and the long request is rejected.
+workload stalls (preemptions or more steps per burst) and the long request is rejected.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def _run_workload(eng: Engine, long_prompt: list[int]) -> dict:
         outs = eng.generate(input_ids=prompts, model=model, sampling_params=PARAMS)
         stats["completed"] += sum(o["meta_info"]["finish_reason"]["type"] == "length" for o in outs)
         stats["preempted"] += sum(o["meta_info"]["num_retractions"] for o in outs)
+    stats["burst_steps"] = eng.scheduler.num_steps - stats["steps_before"]
     try:
         out = eng.generate(
             input_ids=long_prompt, model=MODELS[0], sampling_params={**PARAMS, "max_new_tokens": 8}
@@ -83,7 +84,8 @@ def test_shared_pool_completes_everything(results):
 def test_static_partition_rejects_or_stalls_the_same_workload(results):
     shared, static = results["shared"], results["static"]
     assert static["rejected"] == 1 and "KV ceiling" in static["long_error"]
-    assert static["preempted"] > shared["preempted"] or static["steps"] > shared["steps"]
+    # a burst does not fit one static share: it runs in more, smaller steps (or is preempted)
+    assert static["preempted"] > shared["preempted"] or static["burst_steps"] > shared["burst_steps"]
 
 
 def test_pools_return_to_idle_baseline(results):

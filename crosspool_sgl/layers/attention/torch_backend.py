@@ -61,8 +61,12 @@ class TorchAttentionBackend(AttentionBackend):
 
     @staticmethod
     def _sdpa(q, keys, values, mask, scale) -> torch.Tensor:
-        qh, kh, vh = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)  # [H, S, D]
-        out = F.scaled_dot_product_attention(
-            qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=kh.shape[0] != qh.shape[0]
-        )
-        return out.transpose(0, 1)
+        # 4-D inputs with the KV heads repeated: on CPU, 3-D or `enable_gqa` inputs take SDPA's math
+        # path (bmm + softmax + mask checks), 4-D ones its flash kernel — measured 3.5-5x faster for a
+        # 256-token chunk at 1k-10k context (4 heads, D=16), which bounds what a prefill chunk costs.
+        group = q.shape[1] // keys.shape[1]
+        qh = q.transpose(0, 1)[None]  # [1, Hq, Tq, D]
+        kh = keys.transpose(0, 1).repeat_interleave(group, 0)[None]  # [1, Hq, S, D]
+        vh = values.transpose(0, 1).repeat_interleave(group, 0)[None]
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[None, None], scale=scale)
+        return out[0].transpose(0, 1)
