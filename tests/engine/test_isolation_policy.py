@@ -183,7 +183,7 @@ def test_steady_warm_stream_is_served_and_the_long_prompt_ages_in():
 
 
 def test_step_time_budget_shrinks_chunks_at_long_context():
-    """With decodes running, a prefill chunk's size follows its context (attention cost), not a token count."""
+    """With decodes running, a chunk's size follows its context (attention cost), not a token count."""
     cost = StepCostModel({"m": ModelCost(100.0, 100.0)}, warmup_steps=0)
     cost.weights = [1.0, 0.5, 1e-3, 1e-6]  # ms per feature unit: 0.1 ms/token, 0.1 us per q-k pair
     p = planner("m")
