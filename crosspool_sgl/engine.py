@@ -39,6 +39,7 @@ class Engine:
         keep_alive_s: float | None = None,
         page_in_bytes_per_step: int | None = 64 << 20,
         show_progress: bool = True,
+        prefill_lane: bool | None = None,
     ) -> None:
         """`models` maps a name to an HF directory, or to a dict of ModelSpec fields
         (path, kv_floor_bytes, kv_ceiling_bytes, ttft_ms, tbt_ms, keep_alive_s)."""
@@ -50,7 +51,9 @@ class Engine:
             dtype=dtype,
             attention_backend=attention_backend,
             kv_pool=KVPoolArgs(kv_pool_bytes, page_tokens, kv_chunk_bytes, kv_partition, prefix_cache),
-            scheduler=SchedulerArgs(max_running_requests, chunked_prefill_size),
+            scheduler=SchedulerArgs(
+                max_running_requests, chunked_prefill_size, prefill_lane=prefill_lane
+            ),
             weight_pool=WeightPoolArgs(max_resident_bytes, keep_alive_s, page_in_bytes_per_step),
             show_progress=show_progress,
         )
@@ -97,6 +100,7 @@ class Engine:
     def shutdown(self) -> None:
         for req in list(self.scheduler.waiting) + list(self.scheduler.running):
             self.scheduler.abort(req.rid)
+        self.scheduler.close()
 
     def poll_residency(self) -> set[str]:
         """Between steps: expire keep-alives, evict/page in experts; returns the models ready to run."""

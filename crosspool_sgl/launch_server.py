@@ -163,6 +163,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         default=1024,
         help="new tokens per scheduler step, prefill chunks and decodes together (default: %(default)s)",
     )
+    add_isolation_flags(p)
     add_weight_pool_flags(p)
     add_process_flags(p)
     add_disagg_flags(p)
@@ -185,6 +186,40 @@ def add_weight_pool_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="idle time after which a model's experts are evicted to host memory, e.g. 30s, 5m; "
         "per model: --model NAME=DIR,keep_alive=... (default: evict only when room is needed)",
+    )
+
+
+def add_isolation_flags(p: argparse.ArgumentParser) -> None:
+    """How the scheduler keeps one model's long or bursty requests from starving the others."""
+    d = SchedulerArgs()
+    p.add_argument(
+        "--decode-step-slowdown",
+        type=float,
+        default=d.decode_step_slowdown,
+        help="a step that carries decodes may take at most this many times what its decodes alone cost "
+        "(prefill chunks fill the rest, sized by a step cost model); a model's tbt_ms caps it further "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--prefill-step-budget-ms",
+        type=float,
+        default=d.prefill_step_budget_ms,
+        help="time budget of a step without decodes; bounds how long a new arrival waits behind a "
+        "long prefill (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-request-share",
+        type=float,
+        default=d.max_request_share,
+        help="share of the KV pool one request may need while other requests queue; a larger one waits "
+        "until it is overdue (TTFT target + its weighted prefill time) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--working-set-window",
+        type=float,
+        default=d.working_set_window_s,
+        help="seconds a model keeps, as its working set, the KV memory its demand reached; other "
+        "models' ordinary requests cannot take it (default: %(default)s)",
     )
 
 
@@ -260,7 +295,14 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
             args.kv_partition,
             not args.disable_prefix_cache,
         ),
-        scheduler=SchedulerArgs(args.max_running_requests, args.chunked_prefill_size),
+        scheduler=SchedulerArgs(
+            args.max_running_requests,
+            args.chunked_prefill_size,
+            args.decode_step_slowdown,
+            args.prefill_step_budget_ms,
+            args.max_request_share,
+            args.working_set_window,
+        ),
         weight_pool=WeightPoolArgs(args.max_resident_bytes, args.keep_alive_s),
         show_progress=False,
         disagg=_disagg_args(args),

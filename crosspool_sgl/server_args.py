@@ -49,6 +49,7 @@ class SchedulerArgs:
     prefill_step_budget_ms: float = 50.0  # a step without decodes
     max_request_share: float = 0.5  # of the pool, for one request while others queue
     working_set_window_s: float = 10.0  # how long a model keeps the memory its demand reached
+    prefill_lane: bool | None = None  # long prefills on a second thread; None: on CPU with >= 2 cores
 
 
 @dataclass(frozen=True)

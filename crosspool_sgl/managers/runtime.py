@@ -6,6 +6,7 @@ Shared by the offline Engine (in-process) and the server's scheduler process.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,7 @@ import torch
 from crosspool_sgl.disagg.setup import start_ffn_side
 from crosspool_sgl.layers.attention import create_attention_backend
 from crosspool_sgl.managers.model_runner import ModelRunner
+from crosspool_sgl.managers.prefill_lane import PrefillLane
 from crosspool_sgl.managers.req import Req
 from crosspool_sgl.managers.schedule_policy import PolicyArgs, SchedulePolicy
 from crosspool_sgl.managers.scheduler import MultiModelScheduler
@@ -117,16 +119,18 @@ def build_runtime(args: EngineArgs) -> Runtime:
         context_lens={n: c.max_position_embeddings for n, c in configs.items()},
         detokenizers={n: _decode_fn(t) for n, t in tokenizers.items()},
         prefix_cache=PrefixCache(kv_pool, enabled=args.kv_pool.prefix_cache),
+        prefill_lane=_build_prefill_lane(args, runner, attn, device) if ffn_side is None else None,
     )
     logger.info(
         "runtime ready: %d models, weights pool %.1f MiB, KV pool %.1f MiB (%d chunks of %d KiB), "
-        "attention=%s",
+        "attention=%s, prefill lane %s",
         len(models),
         weight_pool.used_bytes / 2**20,
         kv_pool.total_bytes / 2**20,
         kv_pool.num_chunks,
         kv_pool.chunk_bytes >> 10,
         attn.name,
+        "on" if scheduler.lane is not None else "off",
     )
     return Runtime(scheduler, kv_pool, weight_pool, models, tokenizers, device, dtype, residency)
 
@@ -161,6 +165,27 @@ def _build_policy(args: EngineArgs, kv_pool: KVPool, configs: dict[str, ModelCon
         tbt_targets_ms={s.name: s.tbt_ms for s in args.models if s.tbt_ms},
         pool_pages={m: kv_pool.total_bytes // kv_pool.page_bytes(m) for m in kv_pool.views},
     )
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _build_prefill_lane(
+    args: EngineArgs, runner: ModelRunner, attn, device: torch.device
+) -> PrefillLane | None:
+    """A second thread for long prefills, where it can help: CPU, >= 2 cores, a thread-safe backend,
+    no bound on resident weights (page-ins happen between steps, not under a running chunk). On GPU the
+    step's kernels already overlap; a CUDA-stream lane is not built yet."""
+    wanted = args.scheduler.prefill_lane
+    possible = device.type == "cpu" and attn.thread_safe and args.weight_pool.max_resident_bytes is None
+    if wanted is False or not possible or (wanted is None and usable_cores() < 2):
+        return None
+    return PrefillLane(runner.run, num_threads=1)
 
 
 def _build_residency(args: EngineArgs, pool: WeightPool) -> ResidencyManager:

@@ -21,6 +21,11 @@ Order of business each step:
    starved. One request needing more than `max_request_share` of the pool waits while
    other requests are queued, until it is overdue.
 
+4. Prefill lane (when the scheduler has one free): the highest-priority prefill whose rest
+   costs more than the step can give it gets a chunk of `prefill_step_budget_ms` that runs
+   concurrently with the step, on another core — a long prompt then progresses at full speed
+   while the decodes keep their TBT.
+
 When something did not fit, the plan says so (`blocked`) so the scheduler can reclaim
 cached prefixes and plan again.
 """
@@ -64,10 +69,11 @@ class BatchPlan:
     admit: list[Req] = field(default_factory=list)  # subset of items' requests that were waiting
     blocked: tuple[Req, int] | None = None  # (request, pages) that did not fit this step
     blocked_overdue: bool = False  # the blocked request is past its deadline (reclaim for it)
+    lane: tuple[Req, int] | None = None  # a long prefill chunk to run beside the step (prefill lane)
 
     @property
     def empty(self) -> bool:
-        return not self.items and not self.retract
+        return not self.items and not self.retract and self.lane is None
 
 
 def pages_for(req: Req, new_tokens: int, page_tokens: int) -> int:
@@ -141,8 +147,14 @@ class SchedulePolicy:
         self.pool_pages = dict(pool_pages or {})  # each model's view of the whole pool, in pages
 
     def next_batch(
-        self, waiting: Iterable[Req], running: list[Req], budget: PageBudget, now: float | None = None
+        self,
+        waiting: Iterable[Req],
+        running: list[Req],
+        budget: PageBudget,
+        now: float | None = None,
+        lane_free: bool = False,
     ) -> BatchPlan | None:
+        """The next step's plan; `lane_free`: a prefill lane can take one long chunk beside the step."""
         now = time.monotonic() if now is None else now
         plan = BatchPlan()
         waiting = list(waiting)
@@ -154,7 +166,7 @@ class SchedulePolicy:
         candidates.sort(key=self.admission_key)
         num_running, admitting, num_prefills = len(keep), True, 0
         for i, req in enumerate(candidates):
-            if step.exhausted and num_prefills:
+            if step.exhausted and num_prefills and not lane_free:
                 break
             is_new = req.state is ReqState.WAITING
             overdue = now >= self.admission_key(req)
@@ -162,8 +174,12 @@ class SchedulePolicy:
                 continue
             if is_new and not overdue and len(waiting) > 1 and self.oversized(req):
                 continue  # waits while others are queued, until it is overdue
-            # a prefill under way leaves half of what is left to those queued behind it
-            n = step.chunk_for(req, 0.5 if not is_new and i + 1 < len(candidates) else 1.0)
+            to_lane = lane_free and self._wants_lane(req, step)
+            if to_lane:  # a long prefill: a chunk of a whole step's worth, beside the decodes
+                n = self.cost.max_tokens(req.model, req.num_cached, self.args.prefill_step_budget_ms, False)
+                n = min(req.num_uncached, max(n, self.args.page_tokens))
+            else:  # a prefill under way leaves half of what is left to those queued behind it
+                n = step.chunk_for(req, 0.5 if not is_new and i + 1 < len(candidates) else 1.0)
             if n == 0:
                 if num_prefills or (step.has_decodes and not overdue):
                     continue  # a cheaper request further down may still fit
@@ -180,10 +196,20 @@ class SchedulePolicy:
                 headroom.try_take(req.model, future, overdue)
                 plan.admit.append(req)
                 num_running += 1
+            if to_lane:
+                plan.lane, lane_free = (req, n), False
+                continue
             plan.items.append((req, n))
             step.add(req, n)
             num_prefills += 1
         return None if plan.empty and plan.blocked is None else plan
+
+    def _wants_lane(self, req: Req, step: _StepFill) -> bool:
+        """A prefill whose rest costs more than this step can still give it runs in the lane."""
+        if self.cost is None or req.num_uncached <= 1:
+            return False
+        rest_ms = self.cost.extra_ms(req.model, req.num_uncached, req.num_cached, True)
+        return rest_ms > max(step.ms_left, 0.0)
 
     @staticmethod
     def _blocked(plan: BatchPlan, req: Req, pages: int, overdue: bool) -> bool:

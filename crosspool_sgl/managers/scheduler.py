@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable
 
 from crosspool_sgl.managers.model_runner import ModelRunner, StepResult
+from crosspool_sgl.managers.prefill_lane import PrefillLane
 from crosspool_sgl.managers.req import Req, ReqOutput, ReqState
 from crosspool_sgl.managers.schedule_policy import BatchPlan, SchedulePolicy, pages_for
 from crosspool_sgl.mem.kv_pool import KVPool, page_budget
@@ -32,6 +33,57 @@ logger = logging.getLogger(__name__)
 Detokenize = Callable[[list[int]], str]
 
 
+class IntervalStats:
+    """Per-interval throughput, step times and pool occupancy, logged as one line (busy intervals only)."""
+
+    def __init__(self, period_s: float = 10.0) -> None:
+        self.period_s = period_s
+        self._reset(time.monotonic())
+
+    def _reset(self, now: float) -> None:
+        self.start = now
+        self.steps = self.prefill_tokens = self.decode_tokens = self.lane_chunks = 0
+        self.step_ms: list[float] = []
+        self.abs_err_ms = 0.0
+
+    def record(
+        self, items: list[tuple[Req, int]], elapsed_ms: float, predicted_ms: float, lane: bool = False
+    ) -> None:
+        if lane:
+            self.lane_chunks += 1
+            self.prefill_tokens += sum(n for _, n in items)
+            return
+        self.steps += 1
+        for _, n in items:
+            if n == 1:
+                self.decode_tokens += 1
+            else:
+                self.prefill_tokens += n
+        self.step_ms.append(elapsed_ms)
+        self.abs_err_ms += abs(elapsed_ms - predicted_ms)
+
+    def due(self) -> bool:
+        return time.monotonic() - self.start >= self.period_s
+
+    def flush(self, sched: MultiModelScheduler) -> str:
+        now = time.monotonic()
+        span = max(now - self.start, 1e-9)
+        times = sorted(self.step_ms) or [0.0]
+        planner = sched.kv_pool.planner
+        snap = sched.kv_pool.snapshot()
+        line = (
+            f"interval {span:.1f}s: {self.steps} steps + {self.lane_chunks} lane chunks, "
+            f"prefill {self.prefill_tokens / span:.0f} tok/s, "
+            f"decode {self.decode_tokens / span:.0f} tok/s, step ms p50 {times[len(times) // 2]:.1f} "
+            f"max {times[-1]:.1f} (cost model |err| {self.abs_err_ms / max(self.steps, 1):.1f}), "
+            f"waiting {len(sched.waiting)} running {len(sched.running)}, KV free "
+            f"{snap.num_free_chunks}/{snap.num_chunks} chunks, working sets "
+            f"{planner.working_set if planner is not None else {}}"
+        )
+        self._reset(now)
+        return line
+
+
 class MultiModelScheduler:
     def __init__(
         self,
@@ -42,8 +94,11 @@ class MultiModelScheduler:
         context_lens: dict[str, int],
         detokenizers: dict[str, Detokenize] | None = None,
         prefix_cache: PrefixCache | None = None,
+        prefill_lane: PrefillLane | None = None,
     ) -> None:
         self.runner = runner
+        self.lane = prefill_lane  # long prefill chunks on a second thread (see prefill_lane.py)
+        self._lane_released: list[Req] = []  # finished while their chunk ran: pages freed after it
         self.kv_pool = kv_pool
         self.prefix_cache = prefix_cache or PrefixCache(kv_pool, enabled=False)
         self.counters: dict[str, dict[str, int]] = {}  # decision -> model -> count (for /metrics)
@@ -55,6 +110,7 @@ class MultiModelScheduler:
         self.running: list[Req] = []
         self._outputs: list[ReqOutput] = []
         self.num_steps = 0
+        self.interval = IntervalStats()
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, req: Req) -> None:
@@ -96,40 +152,76 @@ class MultiModelScheduler:
                 return True
         return False
 
+    def close(self) -> None:
+        """Let a running lane chunk finish (its pages are then released) and stop the lane's thread."""
+        if self.lane is not None:
+            self._collect_lane(wait_s=None)
+            self.lane.shutdown()
+
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or (self.lane is not None and self.lane.busy))
 
     # ---- the loop body ------------------------------------------------------------------
     def step(self) -> list[ReqOutput]:
         """One scheduling step; returns the outputs produced since the last call."""
         now = time.monotonic()
+        self._collect_lane(wait_s=0.0)
         self._match_prefixes()
         self._observe_demand(now)
         waiting = self._admissible()
-        plan = self.policy.next_batch(waiting, self.running, page_budget(self.kv_pool), now)
-        if (
-            plan is not None
-            and plan.blocked is not None
-            and self._reclaim(*plan.blocked, plan.blocked_overdue)
-        ):
-            plan = self.policy.next_batch(waiting, self.running, page_budget(self.kv_pool), now)
+        running = [r for r in self.running if self.lane is None or not self.lane.holds(r)]
+        lane_free = self.lane is not None and not self.lane.busy
+        plan = self.policy.next_batch(waiting, running, page_budget(self.kv_pool), now, lane_free)
+        if plan is not None and plan.blocked is not None:
+            if self._reclaim(*plan.blocked, plan.blocked_overdue):
+                plan = self.policy.next_batch(waiting, running, page_budget(self.kv_pool), now, lane_free)
+        items: list[tuple[Req, int]] = []
         if plan is None or plan.empty:
-            self._reject_unservable()
+            if self.lane is None or not self.lane.busy:
+                self._reject_unservable()
         else:
             items = self.apply(plan)
+            if plan.lane is not None and self.lane is not None and plan.lane[0].state is ReqState.RUNNING:
+                self.lane.submit([plan.lane])
             if items:
                 self.postprocess(items, self._run_timed(items))
             self.num_steps += 1
+        if not items and self.lane is not None and self.lane.busy:
+            self._collect_lane(wait_s=0.005)  # nothing else to run: wait for the lane, briefly
         out, self._outputs = self._outputs, []
         return out
+
+    def _collect_lane(self, wait_s: float | None) -> None:
+        """Take the prefill lane's finished chunk into the requests (or drop it if they finished)."""
+        if self.lane is None:
+            return
+        done = self.lane.poll(wait_s)
+        if done is None:
+            return
+        items, results, elapsed_ms = done
+        live = [(r, n) for r, n in items if r.state is ReqState.RUNNING]
+        for req in self._lane_released:
+            self._release_pages(req)
+        self._lane_released = []
+        if self.policy.cost is not None:
+            self.policy.cost.observe([(r.model, n, r.num_cached) for r, n in items], elapsed_ms)
+        self.interval.record(items, elapsed_ms, 0.0, lane=True)
+        if live:
+            self.postprocess(live, results)
 
     def _run_timed(self, items: list[tuple[Req, int]]) -> dict[str, StepResult]:
         """Run the step and teach the cost model what it took."""
         work = [(req.model, n, req.num_cached) for req, n in items]
+        cost = self.policy.cost
+        predicted = cost.estimate_ms(work) if cost is not None else 0.0
         start = time.perf_counter()
         results = self.runner.run(items)
-        if self.policy.cost is not None:
-            self.policy.cost.observe(work, (time.perf_counter() - start) * 1e3)
+        elapsed = (time.perf_counter() - start) * 1e3
+        if cost is not None:
+            cost.observe(work, elapsed)
+        self.interval.record(items, elapsed, predicted)
+        if self.interval.due():
+            logger.info("%s", self.interval.flush(self))
         return results
 
     def _observe_demand(self, now: float) -> None:
@@ -243,7 +335,7 @@ class MultiModelScheduler:
             req.state = ReqState.RUNNING
             self.running.append(req)
         items = []
-        for req, n in plan.items:
+        for req, n in plan.items + ([plan.lane] if plan.lane is not None else []):
             if req.state is not ReqState.RUNNING:
                 continue  # retracted in this same plan
             need = pages_for(req, n, self.kv_pool.page_tokens)
@@ -253,7 +345,8 @@ class MultiModelScheduler:
                 self._retract(req)
                 continue
             req.pages += pages
-            items.append((req, n))
+            if plan.lane is None or req is not plan.lane[0]:
+                items.append((req, n))
         return items
 
     def postprocess(self, items: list[tuple[Req, int]], results: dict[str, StepResult]) -> None:
@@ -324,6 +417,9 @@ class MultiModelScheduler:
         logger.info("preempt %s (%s): KV pages short, %d tokens kept", req.rid, req.model, len(req.fill_ids))
 
     def _release_pages(self, req: Req) -> None:
+        if self.lane is not None and self.lane.holds(req):  # its chunk still writes these pages
+            self._lane_released.append(req)
+            return
         if req.pages:
             self.prefix_cache.release(req.model, req.fill_ids, req.pages, req.num_cached, req.cache_nodes)
         req.pages, req.cache_nodes, req.num_cached = [], [], 0

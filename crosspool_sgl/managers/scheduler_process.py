@@ -26,7 +26,7 @@ from crosspool_sgl.managers.io_struct import (
     TokenizedGenerateReqInput,
 )
 from crosspool_sgl.managers.req import Req, ReqOutput
-from crosspool_sgl.managers.runtime import Runtime, build_runtime
+from crosspool_sgl.managers.runtime import Runtime, build_runtime, usable_cores
 from crosspool_sgl.sampling_params import InvalidRequestError, SamplingParams
 from crosspool_sgl.server_args import EngineArgs
 
@@ -182,11 +182,12 @@ def run_scheduler_process(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher owns shutdown
     import torch
 
-    if num_threads:
-        torch.set_num_threads(num_threads)
     try:
         runtime = build_runtime(engine_args)
         server = SchedulerServer(runtime, recv_addr, send_addr)
+        # Default: every usable core — with the prefill lane, one thread here and one in the lane
+        # (intra-op threads waiting on each other were slower whenever the other core was busy).
+        torch.set_num_threads(num_threads or (1 if runtime.scheduler.lane is not None else usable_cores()))
     except Exception as e:  # reported to the launcher, which exits non-zero
         logger.exception("scheduler failed to start")
         pipe_writer.send({"status": "error", "message": f"{type(e).__name__}: {e}"})

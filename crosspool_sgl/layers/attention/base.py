@@ -61,6 +61,9 @@ class AttentionBackend(ABC):
     """Writes the new tokens' K/V into the pages, then attends over each sequence's cache."""
 
     name: str = "base"
+    # No per-step state (no plan() between init_forward and forward): two threads may run forwards
+    # at once, as the scheduler's prefill lane does.
+    thread_safe: bool = False
 
     def init_forward(self, meta: AttentionMetadata) -> None:  # noqa: B027 - optional hook
         """Per-step planning (FlashInfer's plan()); called once before the layers run."""

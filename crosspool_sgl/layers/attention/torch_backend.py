@@ -24,6 +24,7 @@ def attention_mask(q_pos: torch.Tensor, k_len: int, sliding_window: int | None) 
 
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+    thread_safe = True
 
     def forward(self, q, k, v, kv, layer, meta, scale, sliding_window):
         self.write_kv(kv, layer, meta, k, v)
