@@ -66,7 +66,7 @@ def check_extras(fn: Callable[..., torch.Tensor], dtype: torch.dtype, device: st
     err = (out.double() - ref).abs().max() / ref.abs().max()
     assert err < TOLERANCE[dtype], f"relative error {err:.2e}"
     plain = fused_moe_ref(hidden_states, topk_ids, topk_weights, *pool.tables())
-    assert (plain - ref).abs().max() > 10 * TOLERANCE[dtype] * ref.abs().max()  # the extras mattered
+    assert (plain - ref).abs().max() > 0.1 * ref.abs().max()  # the extras changed the result
 
 
 @pytest.mark.parametrize("fn", FNS)
