@@ -38,18 +38,19 @@ def route(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [T, E] -> (weights [T, K] in the logits' dtype, expert ids [T, K]), fp32 inside."""
     logits = router_logits.float()
-    E = logits.shape[-1]  # noqa: N806 - the legend's name
+    num_experts = logits.shape[-1]
     if cfg.kind == "softmax":
         weights, ids = route_topk(logits, cfg.top_k, cfg.renormalize)
     elif cfg.kind == "group_limited_greedy":
         probs = torch.softmax(logits, dim=-1)  # [T, E]
-        keep = _group_mask(probs.view(-1, cfg.num_groups, probs.shape[-1] // cfg.num_groups).amax(-1), cfg, E)
+        per_group = probs.view(-1, cfg.num_groups, num_experts // cfg.num_groups)  # [T, G, E/G]
+        keep = _group_mask(per_group.amax(dim=-1), cfg, num_experts)
         weights, ids = torch.topk(probs.masked_fill(~keep, 0.0), cfg.top_k, dim=-1)
     elif cfg.kind == "sigmoid_grouped":
         scores = torch.sigmoid(logits)  # [T, E]
         choice = scores if correction_bias is None else scores + correction_bias.float()
-        grouped = choice.view(-1, cfg.num_groups, E // cfg.num_groups)  # [T, G, E/G]
-        keep = _group_mask(grouped.topk(2, dim=-1).values.sum(dim=-1), cfg, E)
+        grouped = choice.view(-1, cfg.num_groups, num_experts // cfg.num_groups)  # [T, G, E/G]
+        keep = _group_mask(grouped.topk(2, dim=-1).values.sum(dim=-1), cfg, num_experts)
         ids = torch.topk(choice.masked_fill(~keep, float("-inf")), cfg.top_k, dim=-1).indices
         weights = scores.gather(1, ids)  # the uncorrected scores weigh the chosen experts
         if cfg.renormalize:

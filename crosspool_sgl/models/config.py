@@ -84,6 +84,7 @@ class RouterConfig:
     scaling_factor: float = 1.0  # routed_scaling_factor
     has_bias: bool = False  # gpt-oss router bias
     has_correction_bias: bool = False  # e_score_correction_bias
+    fp32_logits: bool = False  # DeepSeek/GLM compute router logits from fp32 casts of x and the weight
 
 
 @dataclass(frozen=True)
@@ -309,6 +310,7 @@ def _parse_deepseek_style_moe(raw: dict[str, Any], model_type: str, num_layers: 
             num_groups=raw.get("n_group") or 1,
             topk_groups=raw.get("topk_group") or 1,
             scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
+            fp32_logits=True,
         )
     else:
         router = RouterConfig(
@@ -319,6 +321,7 @@ def _parse_deepseek_style_moe(raw: dict[str, Any], model_type: str, num_layers: 
             topk_groups=raw.get("topk_group") or 1,
             scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
             has_correction_bias=True,
+            fp32_logits=True,
         )
     inter = raw["moe_intermediate_size"]
     return {

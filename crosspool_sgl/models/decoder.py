@@ -133,7 +133,7 @@ class DecoderModel:
         if lw.router is None:  # dense MLP: one slot, weight 1
             ids = lw.ffn_slots.expand(num_tokens, 1)
             return ids, torch.ones(num_tokens, 1, dtype=x.dtype, device=x.device)
-        if cfg.router.kind in ("group_limited_greedy", "sigmoid_grouped"):  # transformers: fp32 logits
+        if cfg.router.fp32_logits:
             logits = F.linear(x.float(), lw.router.float())
         else:
             logits = F.linear(x, lw.router, lw.router_bias)

@@ -22,12 +22,17 @@ dv = v_head_dim, H = hidden.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from crosspool_sgl.layers.attention.base import AttentionMetadata
 from crosspool_sgl.layers.norm import rms_norm
 from crosspool_sgl.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from crosspool_sgl.models.decoder import DecoderModel
 
 
 @dataclass
@@ -54,7 +59,15 @@ class MLAWeights:
         return cls(w_uk=w_uk.contiguous(), w_uv=w_uv.contiguous(), **kw)
 
 
-def mla_attention(model, i: int, w: MLAWeights, x, positions, meta, kv) -> torch.Tensor:
+def mla_attention(
+    model: DecoderModel,
+    i: int,
+    w: MLAWeights,
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    meta: AttentionMetadata,
+    kv: torch.Tensor,
+) -> torch.Tensor:
     """x [T, H] -> attention output before o_proj [T, Hq*dv]; writes this step's latents into `kv`."""
     cfg: ModelConfig = model.config
     mla, eps = cfg.mla, cfg.rms_norm_eps
