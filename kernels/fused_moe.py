@@ -8,7 +8,17 @@ hidden/intermediate sizes can share a launch:
     w2_offset[s]   element offset of a row-major [H_s, I_s] down projection
     hidden_size[s] = H_s, inter_size[s] = I_s
 
-    out[t] = sum_k topk_weights[t, k] * W2_s @ (silu(Wg_s @ x_t) * (Wu_s @ x_t)),  s = topk_ids[t, k]
+    out[t] = sum_k topk_weights[t, k] * (W2_s @ act_s(Wg_s @ x_t + bg_s, Wu_s @ x_t + bu_s) + b2_s),
+             s = topk_ids[t, k]
+
+Optional per-slot tables (keyword arguments, all four or none; without them every slot is
+act = silu(g) * u with no biases) carry what gpt-oss and friends need:
+
+    bias_offset[s]  -1, or the offset of [bg_s (I) | bu_s (I) | b2_s (H)] in the arena
+    act_kind[s]     ACT_SILU: silu(g) * u;
+                    ACT_SWIGLU_CLAMPED: g' = min(g, limit), u' = clamp(u, -limit, limit),
+                    (u' + 1) * g' * sigmoid(alpha * g')   (gpt-oss)
+    act_alpha[s], act_limit[s]  float32
 
 Shape legend: T = tokens, K = top-k, Hmax = padded hidden width of `hidden_states`,
 H / I = hidden / intermediate size of one slot, S = slots in the tables, P = T*K (token, k) pairs,
@@ -38,6 +48,8 @@ except ImportError:  # the torch paths must work on machines without triton
         return fn  # a plain function; the wrapper raises before it could be launched
 
 
+ACT_SILU = 0
+ACT_SWIGLU_CLAMPED = 1
 _ARENA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -58,6 +70,10 @@ def _gate_up_kernel(
     inter_size_ptr,  # [S] int32
     sorted_pair_ids_ptr,  # [NB * BLOCK_M] int32, P marks padding
     block_slot_ptr,  # [NB] int32, -1 past the last used block
+    bias_offset_ptr,  # [S] int64 (read only if HAS_EXTRAS)
+    act_kind_ptr,  # [S] int32
+    act_alpha_ptr,  # [S] float32
+    act_limit_ptr,  # [S] float32
     num_pairs,
     top_k,
     stride_xt,
@@ -67,6 +83,7 @@ def _gate_up_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_EXTRAS: tl.constexpr,
 ):
     """One (block of pairs, tile of I) program: gate and up tiles share the loads of x."""
     pid_m = tl.program_id(0)
@@ -105,7 +122,20 @@ def _gate_up_kernel(
         acc_gate += tl.dot(x, w_gate, input_precision=DOT_PRECISION)
         acc_up += tl.dot(x, w_up, input_precision=DOT_PRECISION)
 
-    act = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up  # silu(gate) * up, [BM, BN]
+    if HAS_EXTRAS:
+        bias = tl.load(bias_offset_ptr + slot)  # -1: none, so every bias load below is masked off
+        has_bias = mask_n & ((offs_n * 0 + bias) >= 0)  # [BN]; a scalar & tensor mask trips the interpreter
+        acc_gate += tl.load(arena_ptr + bias + offs_n, mask=has_bias, other=0.0).to(tl.float32)[None, :]
+        acc_up += tl.load(arena_ptr + bias + inter + offs_n, mask=has_bias, other=0.0).to(tl.float32)[None, :]
+        alpha = tl.load(act_alpha_ptr + slot)
+        limit = tl.load(act_limit_ptr + slot)
+        g = tl.minimum(acc_gate, limit)
+        u = tl.minimum(tl.maximum(acc_up, -limit), limit)
+        clamped = (u + 1.0) * (g / (1.0 + tl.exp(-alpha * g)))  # gpt-oss's clamped SwiGLU
+        silu = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
+        act = tl.where(tl.load(act_kind_ptr + slot) == 1, clamped, silu)  # [BM, BN]
+    else:
+        act = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up  # silu(gate) * up, [BM, BN]
     out_ptrs = inter_ptr + offs_m.to(tl.int64)[:, None] * stride_it + offs_n[None, :]
     tl.store(out_ptrs, act.to(inter_ptr.dtype.element_ty), mask=valid_m[:, None] & mask_n[None, :])
 
@@ -121,6 +151,7 @@ def _down_kernel(
     inter_size_ptr,  # [S] int32
     sorted_pair_ids_ptr,  # [NB * BLOCK_M] int32
     block_slot_ptr,  # [NB] int32
+    bias_offset_ptr,  # [S] int64 (read only if HAS_EXTRAS)
     num_pairs,
     stride_it,
     stride_ot,
@@ -128,6 +159,7 @@ def _down_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_EXTRAS: tl.constexpr,
 ):
     """One (block of pairs, tile of H) program of the down projection, scaled by the routing weight."""
     pid_m = tl.program_id(0)
@@ -162,6 +194,12 @@ def _down_kernel(
         )  # [BK, BN]
         acc += tl.dot(a, w, input_precision=DOT_PRECISION)
 
+    if HAS_EXTRAS:  # the down bias is part of the expert's output, so it is weighted too
+        bias = tl.load(bias_offset_ptr + slot)
+        b2 = tl.load(
+            arena_ptr + bias + 2 * inter + offs_n, mask=mask_n & ((offs_n * 0 + bias) >= 0), other=0.0
+        )  # [BN]
+        acc += b2.to(tl.float32)[None, :]
     weight = tl.load(topk_weights_ptr + pair, mask=valid_m, other=0.0)  # [BM]
     acc = acc * weight[:, None]
     out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * stride_ot + offs_n[None, :]
@@ -267,6 +305,7 @@ def _check_used_slots(
     w2_offset: torch.Tensor,
     hidden_size: torch.Tensor,
     inter_size: torch.Tensor,
+    bias_offset: torch.Tensor | None = None,
 ) -> int:
     """Bounds-check the slots in use (the kernels would read out of bounds); returns their max I.
 
@@ -278,6 +317,9 @@ def _check_used_slots(
     h = hidden_size[safe].long()  # [P]
     i = inter_size[safe].long()  # [P]
     ends = torch.maximum(w13_offset[safe] + 2 * i * h, w2_offset[safe] + h * i)  # [P]
+    if bias_offset is not None:
+        b = bias_offset[safe]  # [P]
+        ends = torch.maximum(ends, torch.where(b >= 0, b + 2 * i + h, 0))
     starts = torch.minimum(w13_offset[safe], w2_offset[safe])  # [P]
     stats = torch.stack((ids.min(), ids.max(), i.min(), i.max(), h.min(), h.max(), starts.min(), ends.max()))
     min_id, max_id, min_i, max_i, min_h, max_h, min_start, max_end = stats.tolist()
@@ -290,6 +332,33 @@ def _check_used_slots(
     if max_end > arena.numel():
         raise ValueError(f"a routed slot ends at element {max_end} past the arena ({arena.numel()})")
     return max_i
+
+
+def _ffn_extras(
+    bias_offset: torch.Tensor | None,
+    act_kind: torch.Tensor | None,
+    act_alpha: torch.Tensor | None,
+    act_limit: torch.Tensor | None,
+    w13_offset: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The optional per-slot bias/activation tables, checked; None when none are given."""
+    tables = {
+        "bias_offset": bias_offset,
+        "act_kind": act_kind,
+        "act_alpha": act_alpha,
+        "act_limit": act_limit,
+    }
+    given = [t is not None for t in tables.values()]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ValueError("bias_offset, act_kind, act_alpha and act_limit are passed together or not at all")
+    for name, t in tables.items():
+        want_float = name in ("act_alpha", "act_limit")
+        ok_dtype = t.is_floating_point() if want_float else t.dtype in _INDEX_DTYPES
+        if t.shape != w13_offset.shape or not ok_dtype or t.device != w13_offset.device:
+            raise ValueError(f"{name} must be a [S] table like w13_offset, got {t.dtype} {tuple(t.shape)}")
+    return bias_offset.long(), act_kind.int(), act_alpha.float(), act_limit.float()
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,6 +384,11 @@ def fused_moe(
     w2_offset: torch.Tensor,
     hidden_size: torch.Tensor,
     inter_size: torch.Tensor,
+    *,
+    bias_offset: torch.Tensor | None = None,
+    act_kind: torch.Tensor | None = None,
+    act_alpha: torch.Tensor | None = None,
+    act_limit: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MoE FFN of every (token, k) pair with two grouped-GEMM Triton launches; returns [T, Hmax].
 
@@ -324,14 +398,18 @@ def fused_moe(
     _check_inputs(
         hidden_states, topk_ids, topk_weights, arena, w13_offset, w2_offset, hidden_size, inter_size
     )
+    extras = _ffn_extras(bias_offset, act_kind, act_alpha, act_limit, w13_offset)
     num_tokens, width = hidden_states.shape
     top_k = topk_ids.shape[1]
     num_pairs = num_tokens * top_k
     if num_pairs == 0:
         return torch.zeros_like(hidden_states)
     max_inter = _check_used_slots(
-        topk_ids, arena, hidden_states, w13_offset, w2_offset, hidden_size, inter_size
-    )
+        topk_ids, arena, hidden_states, w13_offset, w2_offset, hidden_size, inter_size,
+        None if extras is None else extras[0],
+    )  # fmt: skip
+    # Without the tables the kernels never read these: pass any valid pointer.
+    bias_t, kind_t, alpha_t, limit_t = extras if extras is not None else (w13_offset,) * 4
     block_m = _block_m(num_pairs)
     sorted_pair_ids, block_slot = align_pairs_to_slots(topk_ids, w13_offset.shape[0], block_m)
     num_blocks = block_slot.shape[0]
@@ -339,13 +417,20 @@ def fused_moe(
     hidden_size, inter_size = hidden_size.int(), inter_size.int()
     # fp32 weights are served for exactness (HF parity), so no TF32 there.
     precision = "ieee" if arena.dtype == torch.float32 else "tf32"
-    meta = {"BLOCK_M": block_m, "BLOCK_N": _BLOCK_N, "BLOCK_K": _BLOCK_K, "DOT_PRECISION": precision}
+    meta = {
+        "BLOCK_M": block_m,
+        "BLOCK_N": _BLOCK_N,
+        "BLOCK_K": _BLOCK_K,
+        "DOT_PRECISION": precision,
+        "HAS_EXTRAS": extras is not None,
+    }
 
     inter = torch.empty(  # [NB * BLOCK_M, Imax]
         (sorted_pair_ids.shape[0], max_inter), dtype=hidden_states.dtype, device=hidden_states.device
     )
     _gate_up_kernel[(num_blocks, triton.cdiv(max_inter, _BLOCK_N))](
         hidden_states, arena, inter, w13_offset, hidden_size, inter_size, sorted_pair_ids, block_slot,
+        bias_t, kind_t, alpha_t, limit_t,
         num_pairs, top_k, hidden_states.stride(0), hidden_states.stride(1), inter.stride(0), **meta,
     )  # fmt: skip
 
@@ -354,7 +439,7 @@ def fused_moe(
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()  # [P]
     _down_kernel[(num_blocks, triton.cdiv(width, _BLOCK_N))](
         inter, arena, per_pair, weights, w2_offset, hidden_size, inter_size, sorted_pair_ids, block_slot,
-        num_pairs, inter.stride(0), per_pair.stride(0), **meta,
+        bias_t, num_pairs, inter.stride(0), per_pair.stride(0), **meta,
     )  # fmt: skip
     return per_pair.view(num_tokens, top_k, width).sum(dim=1).to(hidden_states.dtype)
 
@@ -376,6 +461,11 @@ def fused_moe_torch(
     w2_offset: torch.Tensor,
     hidden_size: torch.Tensor,
     inter_size: torch.Tensor,
+    *,
+    bias_offset: torch.Tensor | None = None,
+    act_kind: torch.Tensor | None = None,
+    act_alpha: torch.Tensor | None = None,
+    act_limit: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same result as `fused_moe` in plain torch: two GEMMs per used slot on views into the arena.
 
@@ -384,6 +474,7 @@ def fused_moe_torch(
     _check_inputs(
         hidden_states, topk_ids, topk_weights, arena, w13_offset, w2_offset, hidden_size, inter_size
     )
+    extras = _ffn_extras(bias_offset, act_kind, act_alpha, act_limit, w13_offset)
     num_tokens, width = hidden_states.shape
     top_k = topk_ids.shape[1]
     acc = torch.zeros((num_tokens, width), dtype=torch.float32, device=hidden_states.device)  # [T, Hmax]
@@ -393,16 +484,32 @@ def fused_moe_torch(
     tokens = order // top_k  # [P] token of each sorted pair
     weights = topk_weights.reshape(-1)[order].to(torch.float32)  # [P]
     table = torch.stack([w13_offset.long(), w2_offset.long(), hidden_size.long(), inter_size.long()], dim=1)
-    rows = table[torch.tensor(slots, device=table.device)].tolist()  # per used slot: w13, w2, H, I
+    used = torch.tensor(slots, device=table.device)
+    rows = table[used].tolist()  # per used slot: w13, w2, H, I
+    if extras is None:
+        ffn = [(-1, ACT_SILU, 1.0, 0.0)] * len(slots)
+    else:
+        bias_t, kind_t, alpha_t, limit_t = (t[used].tolist() for t in extras)
+        ffn = list(zip(bias_t, kind_t, alpha_t, limit_t, strict=True))
 
     start = 0
-    for (w13, w2, hidden, inter), count in zip(rows, counts, strict=True):
+    for (w13, w2, hidden, inter), (bias, kind, alpha, limit), count in zip(rows, ffn, counts, strict=True):
         tok = tokens[start : start + count]  # [n]
         w13_view = arena[w13 : w13 + 2 * inter * hidden].view(2 * inter, hidden)  # [2I, H]
         w2_view = arena[w2 : w2 + hidden * inter].view(hidden, inter)  # [H, I]
         gate_up = hidden_states[tok, :hidden] @ w13_view.t()  # [n, 2I]
-        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # [n, I]
-        down = (act @ w2_view.t()).to(torch.float32) * weights[start : start + count, None]  # [n, H]
+        if bias >= 0:
+            gate_up = gate_up + arena[bias : bias + 2 * inter]
+        gate, up = gate_up[:, :inter], gate_up[:, inter:]
+        if kind == ACT_SWIGLU_CLAMPED:
+            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+            act = (up + 1) * (gate * torch.sigmoid(gate * alpha))  # [n, I]
+        else:
+            act = F.silu(gate) * up  # [n, I]
+        down = act @ w2_view.t()  # [n, H]
+        if bias >= 0:
+            down = down + arena[bias + 2 * inter : bias + 2 * inter + hidden]
+        down = down.to(torch.float32) * weights[start : start + count, None]
         # index_add_ into the column slice acc[:, :H] takes a slow strided path (4.6 ms vs 0.07 ms
         # for 40 rows of 1536 into [256, 2048] on CPU), so pad the rows to Hmax instead.
         acc.index_add_(0, tok, down if hidden == width else F.pad(down, (0, width - hidden)))
@@ -419,8 +526,18 @@ def fused_moe_ref(
     w2_offset: torch.Tensor,
     hidden_size: torch.Tensor,
     inter_size: torch.Tensor,
+    *,
+    bias_offset: torch.Tensor | None = None,
+    act_kind: torch.Tensor | None = None,
+    act_alpha: torch.Tensor | None = None,
+    act_limit: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Float64 reference straight from the formula, one (token, k) pair at a time; [T, Hmax] float64."""
+    num_slots = w13_offset.shape[0]
+    bias_offset = torch.full((num_slots,), -1) if bias_offset is None else bias_offset
+    act_kind = torch.full((num_slots,), ACT_SILU) if act_kind is None else act_kind
+    act_alpha = torch.ones(num_slots) if act_alpha is None else act_alpha
+    act_limit = torch.zeros(num_slots) if act_limit is None else act_limit
     x64 = hidden_states.double()  # [T, Hmax]
     arena64 = arena.double()
     out = torch.zeros_like(x64)  # [T, Hmax]
@@ -433,6 +550,17 @@ def fused_moe_ref(
             w_up = arena64[w13 + inter * hidden : w13 + 2 * inter * hidden].view(inter, hidden)  # [I, H]
             w_down = arena64[w2 : w2 + hidden * inter].view(hidden, inter)  # [H, I]
             x = x64[t, :hidden]  # [H]
-            h = torch.nn.functional.silu(w_gate @ x) * (w_up @ x)  # [I]
-            out[t, :hidden] += float(topk_weights[t, k]) * (w_down @ h)
+            gate, up, b2 = w_gate @ x, w_up @ x, torch.zeros(hidden, dtype=torch.float64)  # [I], [I], [H]
+            b = int(bias_offset[s])
+            if b >= 0:
+                gate = gate + arena64[b : b + inter]
+                up = up + arena64[b + inter : b + 2 * inter]
+                b2 = arena64[b + 2 * inter : b + 2 * inter + hidden]
+            if int(act_kind[s]) == ACT_SWIGLU_CLAMPED:
+                alpha, limit = float(act_alpha[s]), float(act_limit[s])
+                gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+                h = (up + 1) * gate * torch.sigmoid(alpha * gate)  # [I]
+            else:
+                h = torch.nn.functional.silu(gate) * up  # [I]
+            out[t, :hidden] += float(topk_weights[t, k]) * (w_down @ h + b2)
     return out

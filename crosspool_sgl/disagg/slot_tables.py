@@ -29,14 +29,24 @@ class SlotTablePool:
         """Nothing to reserve here: the weights live on the FFN workers."""
 
     def add_expert(
-        self, model: str, layer: int, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+        self,
+        model: str,
+        layer: int,
+        expert: int,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        biases: tuple[torch.Tensor, ...] | None = None,
+        activation: object = None,  # the workers' pools keep it; slot numbering does not depend on it
     ) -> int:
         inter, hidden = expert_shape(f"{model} layer {layer} expert {expert}", gate, up, down)
         slot = self._num_slots
         self._num_slots += 1
         self.expert_to_slot[(model, layer, expert)] = slot
         self.model_to_slots.setdefault(model, []).append(slot)
-        nbytes = 3 * inter * hidden * gate.element_size()
+        nbytes = (
+            3 * inter * hidden + (2 * inter + hidden if biases is not None else 0)
+        ) * gate.element_size()
         self.model_bytes[model] = self.model_bytes.get(model, 0) + nbytes
         self.model_resident_bytes.setdefault(model, 0)
         return slot

@@ -73,23 +73,46 @@ def _yarn_inv_freq(base: float, dim: int, p: dict) -> tuple[torch.Tensor, float]
 
 
 class RotaryEmbedding:
-    """Applies rotate-half RoPE to q [T, Hq, D] and k [T, Hkv, D] at given positions."""
+    """Applies RoPE to the first `rotary_dim` dims of q [T, Hq, D] and k [T, Hkv, D] at given positions.
 
-    def __init__(self, rope: RopeConfig, head_dim: int, device: torch.device) -> None:
-        inv_freq, self.attention_factor = rope_inv_freq(rope, head_dim)
+    Halves are rotated (Llama style) unless `interleaved`, where pairs (x0, x1), (x2, x3), ... rotate
+    (DeepSeek). Interleaved output is written as [rotated evens, rotated odds], as transformers'
+    DeepSeek-V3 does: a permutation shared by q and k, so attention scores are unchanged (DeepSeek-V2
+    keeps the pairs in place; the cache then holds permuted rope dims, read back only by q . k).
+    Dims past `rotary_dim` pass through (GLM-4's partial rotary).
+    """
+
+    def __init__(
+        self, rope: RopeConfig, rotary_dim: int, device: torch.device, interleaved: bool = False
+    ) -> None:
+        inv_freq, self.attention_factor = rope_inv_freq(rope, rotary_dim)
         self.inv_freq = inv_freq.to(device)
+        self.rotary_dim = rotary_dim
+        self.interleaved = interleaved
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, R/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, R]
         return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
 
     def __call__(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.cos_sin(positions, q.dtype)
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, R]
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        r = self.rotary_dim
+        rot, rest = (x, None) if r == x.shape[-1] else (x[..., :r], x[..., r:])
+        if self.interleaved:
+            half = r // 2
+            c, s = cos[..., :half], sin[..., :half]
+            even, odd = rot[..., 0::2], rot[..., 1::2]
+            out = torch.cat((even * c - odd * s, odd * c + even * s), dim=-1)
+        else:
+            out = rot * cos + _rotate_half(rot) * sin
+        return out if rest is None else torch.cat((out, rest), dim=-1)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -200,7 +200,10 @@ def _build_residency(args: EngineArgs, pool: WeightPool) -> ResidencyManager:
 
 
 def _build_kv_pool(args: EngineArgs, configs: dict[str, ModelConfig], device, dtype, weights_bytes) -> KVPool:
-    geoms = {n: KVGeometry(c.num_layers, c.num_kv_heads, c.head_dim, dtype) for n, c in configs.items()}
+    geoms: dict[str, KVGeometry] = {}
+    for name, cfg in configs.items():  # each model's own page geometry: MLA pages hold one latent
+        planes, heads, width = cfg.kv_layout
+        geoms[name] = KVGeometry(cfg.num_layers, heads, width, dtype, num_planes=planes)
     page_tokens = args.kv_pool.page_tokens
     chunk = args.kv_pool.chunk_bytes or default_chunk_bytes(
         device, [g.page_bytes(page_tokens) for g in geoms.values()]

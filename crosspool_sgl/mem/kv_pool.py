@@ -3,7 +3,7 @@
 One physical arena of bytes is shared by every hosted model. Each model sees a
 *virtual view* of the whole arena in its own geometry::
 
-    view[m]: [N_m, L_m, 2, PT, Hkv_m, D_m]   (N_m = arena_bytes // page_bytes_m)
+    view[m]: [N_m, L_m, P_m, PT, Hkv_m, D_m]   (N_m = arena_bytes // page_bytes_m)
 
 so model m's page p occupies bytes [p * page_bytes_m, (p + 1) * page_bytes_m).
 Physical ownership is tracked per *chunk* (``chunk_bytes``, 2 MiB by default:
@@ -16,8 +16,8 @@ Because each view is a plain strided tensor over the same storage, a model's
 page ids are ordinary integers, usable directly as FlashInfer/Triton page
 tables, and ``view[pages, layer]`` gathers its KV with one indexing op.
 
-Legend: N = pages of a model's view, L = layers, PT = tokens per page,
-Hkv = KV heads, D = head dim.
+Legend: N = pages of a model's view, L = layers, P = planes (K and V, or one MLA latent),
+PT = tokens per page, Hkv = KV heads (1 for MLA), D = head dim (latent width for MLA).
 """
 
 from __future__ import annotations
@@ -38,16 +38,41 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class KVGeometry:
-    """What a model's KV cache looks like; page bytes follow from it."""
+    """What one token of a model stores per layer in the KV cache; page bytes follow from it.
+
+    A page holds, for each layer, ``num_planes`` planes of ``page_tokens`` x ``num_kv_heads`` x
+    ``head_dim`` elements. MHA/GQA/MQA store two planes (K and V) of their KV heads; MLA
+    (DeepSeek-V2/V3) stores one plane of one "head": the compressed latent plus the rope'd key
+    part (kv_lora_rank + qk_rope_head_dim), which attention reads as both keys and values. So a
+    DeepSeek page is a fraction of an MHA page of the same hidden size, and the pool, which accounts
+    in bytes, holds proportionally more of its tokens.
+    """
 
     num_layers: int
-    num_kv_heads: int
-    head_dim: int
+    num_kv_heads: int  # heads stored per plane: Hkv, or 1 for an MLA latent
+    head_dim: int  # width of one stored head: D, or kv_lora_rank + qk_rope_head_dim
     dtype: torch.dtype
+    num_planes: int = 2  # 2: separate K and V; 1: one latent serving as both (MLA)
+
+    @classmethod
+    def mha(cls, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> KVGeometry:
+        return cls(num_layers, num_kv_heads, head_dim, dtype, num_planes=2)
+
+    @classmethod
+    def mla(cls, num_layers: int, latent_dim: int, dtype: torch.dtype) -> KVGeometry:
+        return cls(num_layers, 1, latent_dim, dtype, num_planes=1)
+
+    def token_bytes(self) -> int:
+        """Bytes one token takes across all layers."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return self.num_layers * self.num_planes * self.num_kv_heads * self.head_dim * elem
 
     def page_bytes(self, page_tokens: int) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return self.num_layers * 2 * page_tokens * self.num_kv_heads * self.head_dim * elem
+        return page_tokens * self.token_bytes()
+
+    def view_shape(self, num_pages: int, page_tokens: int) -> tuple[int, ...]:
+        """[N, L, P, PT, Hkv, D]: the layout backends index (kv[pages, layer, plane])."""
+        return (num_pages, self.num_layers, self.num_planes, page_tokens, self.num_kv_heads, self.head_dim)
 
 
 @dataclass
@@ -57,7 +82,7 @@ class _ModelView:
     name: str
     geometry: KVGeometry
     page_bytes: int
-    kv: torch.Tensor  # [N, L, 2, PT, Hkv, D]
+    kv: torch.Tensor  # [N, L, P, PT, Hkv, D]
     free_pages: set[int] = field(default_factory=set)
     used_pages: set[int] = field(default_factory=set)
     owned_chunks: set[int] = field(default_factory=set)
@@ -114,7 +139,7 @@ class KVPool:
 
     # ---- models -------------------------------------------------------------------------
     def add_model(self, model: str, geometry: KVGeometry) -> torch.Tensor:
-        """Create a model's virtual view; returns it as [N, L, 2, PT, Hkv, D]."""
+        """Create a model's virtual view; returns it as [N, L, P, PT, Hkv, D] (see `KVGeometry`)."""
         if model in self.views:
             raise ValueError(f"model {model!r} already has a KV view")
         page_bytes = geometry.page_bytes(self.page_tokens)
@@ -124,14 +149,7 @@ class KVPool:
                 f"({self.chunk_bytes}); lower page_tokens or raise chunk_bytes"
             )
         num_pages = self.total_bytes // page_bytes
-        shape = (
-            num_pages,
-            geometry.num_layers,
-            2,
-            self.page_tokens,
-            geometry.num_kv_heads,
-            geometry.head_dim,
-        )
+        shape = geometry.view_shape(num_pages, self.page_tokens)
         kv = self.arena[: num_pages * page_bytes].view(geometry.dtype).view(shape)
         self.views[model] = _ModelView(name=model, geometry=geometry, page_bytes=page_bytes, kv=kv)
         return kv

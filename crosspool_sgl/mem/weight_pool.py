@@ -11,8 +11,11 @@ The indirection table ``(model, layer, expert) -> slot`` lets one fused-MoE
 launch serve tokens of several models, and lets the residency manager move an
 expert without the model noticing: slot ids never change, only a slot's
 offsets (``unmap_slot`` frees its arena block, ``map_slot`` gives it a new one).
-Each slot owns one contiguous block ``[w13 | w2]`` of 3*I*H elements, taken
-first-fit from a free list; ``max_bytes`` bounds the arena (``--max-resident-bytes``).
+Each slot owns one contiguous block ``[w13 | w2]`` of 3*I*H elements — plus
+``[b13 (2I) | b2 (H)]`` for experts with biases (gpt-oss) — taken first-fit from
+a free list; ``max_bytes`` bounds the arena (``--max-resident-bytes``). Each slot
+also says what it computes (`SlotActivation`: silu(g) * u, or gpt-oss's clamped
+SwiGLU with its alpha and limit), so one fused-MoE launch can mix them.
 
 Legend: H = hidden size, I = expert intermediate size, E = experts of a layer.
 """
@@ -22,6 +25,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+# Activation codes of kernels/fused_moe.py (which imports nothing from here; a test keeps them equal).
+ACT_SILU = 0  # silu(gate) * up
+ACT_SWIGLU_CLAMPED = (
+    1  # gpt-oss: g = min(gate, limit), u = clamp(up, +-limit), (u + 1) * g * sigmoid(alpha * g)
+)
+
+
+@dataclass(frozen=True)
+class SlotActivation:
+    """The activation of one slot, as the fused-MoE kernel's per-slot tables encode it."""
+
+    kind: int = ACT_SILU
+    alpha: float = 1.0
+    limit: float = 0.0
+
+
+SILU = SlotActivation()
 
 
 def expert_shape(name: str, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tuple[int, int]:
@@ -47,6 +68,23 @@ class SlotTables:
     w2_offset: torch.Tensor  # int64
     hidden_size: torch.Tensor  # int32
     inter_size: torch.Tensor  # int32
+    bias_offset: torch.Tensor  # int64: offset of [b13 (2I) | b2 (H)], -1 for a slot without biases
+    act_kind: torch.Tensor  # int32: ACT_SILU or ACT_SWIGLU_CLAMPED
+    act_alpha: torch.Tensor  # float32
+    act_limit: torch.Tensor  # float32
+    has_extras: bool = False  # some slot has biases or a non-silu activation
+
+    @property
+    def ffn_kwargs(self) -> dict[str, torch.Tensor]:
+        """The fused-MoE keyword arguments for biases and activations ({} when every slot is plain)."""
+        if not self.has_extras:
+            return {}
+        return {
+            "bias_offset": self.bias_offset,
+            "act_kind": self.act_kind,
+            "act_alpha": self.act_alpha,
+            "act_limit": self.act_limit,
+        }
 
 
 class WeightPool:
@@ -68,6 +106,8 @@ class WeightPool:
         self._allocated = 0
         self._free: list[tuple[int, int]] = []  # (offset, elements), sorted by offset, coalesced
         self._slot_rows: list[tuple[int, int, int, int]] = []  # (w13_off, w2_off, H, I)
+        self._slot_has_bias: list[bool] = []
+        self._slot_act: list[SlotActivation] = []
         self._slot_resident: list[bool] = []
         self._slot_model: list[str] = []
         self._slot_layer: list[int] = []
@@ -87,12 +127,30 @@ class WeightPool:
         self._grow(num_elements - self.free_elements)
 
     def add_expert(
-        self, model: str, layer: int, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+        self,
+        model: str,
+        layer: int,
+        expert: int,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        activation: SlotActivation = SILU,
     ) -> int:
-        """Copy one expert's gate [I, H], up [I, H] and down [H, I] into the arena; returns its slot."""
+        """Copy one expert's gate [I, H], up [I, H] and down [H, I] into the arena; returns its slot.
+
+        `biases` are (gate [I], up [I], down [H]) when the expert has them.
+        """
         inter, hidden = expert_shape(f"{model} layer {layer} expert {expert}", gate, up, down)
+        if biases is not None and tuple(b.shape for b in biases) != ((inter,), (inter,), (hidden,)):
+            raise ValueError(
+                f"{model} layer {layer} expert {expert}: biases {[tuple(b.shape) for b in biases]} "
+                f"do not fit I={inter}, H={hidden}"
+            )
         slot = len(self._slot_rows)
         self._slot_rows.append((0, 0, hidden, inter))
+        self._slot_has_bias.append(biases is not None)
+        self._slot_act.append(activation)
         self._slot_resident.append(False)
         self._slot_model.append(model)
         self._slot_layer.append(layer)
@@ -105,6 +163,9 @@ class WeightPool:
         w13[:inter].copy_(gate)
         w13[inter:].copy_(up)
         self.arena[off + 2 * inter * hidden : off + 3 * inter * hidden].view(hidden, inter).copy_(down)
+        if biases is not None:
+            b = off + 3 * inter * hidden
+            self.arena[b : b + 2 * inter + hidden].copy_(torch.cat(biases))
         return slot
 
     # ---- residency: give a slot an arena block or take it away ----------------------------
@@ -116,7 +177,7 @@ class WeightPool:
 
     def slot_elements(self, slot: int) -> int:
         _, _, hidden, inter = self._slot_rows[slot]
-        return 3 * hidden * inter
+        return 3 * hidden * inter + (2 * inter + hidden if self._slot_has_bias[slot] else 0)
 
     def slot_bytes(self, slot: int) -> int:
         return self.slot_elements(slot) * self.arena.element_size()
@@ -191,15 +252,31 @@ class WeightPool:
         _, w2_off, hidden, inter = self._slot_rows[slot]
         return self.arena[w2_off : w2_off + hidden * inter].view(hidden, inter)
 
+    def biases(self, slot: int) -> torch.Tensor | None:
+        """[2I + H] view of a slot's gate, up and down biases, or None."""
+        if not self._slot_has_bias[slot]:
+            return None
+        w13_off, _, hidden, inter = self._slot_rows[slot]
+        b = w13_off + 3 * inter * hidden
+        return self.arena[b : b + 2 * inter + hidden]
+
     def tables(self) -> SlotTables:
         """Slot tables on the pool's device (rebuilt lazily after the table changes)."""
         if self._tables is None:
             rows = torch.tensor(self._slot_rows or [(0, 0, 0, 0)], dtype=torch.int64)
+            has_bias = torch.tensor(self._slot_has_bias or [False])
+            acts = self._slot_act or [SILU]
+            bias_offset = torch.where(has_bias, rows[:, 0] + 3 * rows[:, 2] * rows[:, 3], -1)
             self._tables = SlotTables(
                 w13_offset=rows[:, 0].to(self.device),
                 w2_offset=rows[:, 1].to(self.device),
                 hidden_size=rows[:, 2].to(torch.int32).to(self.device),
                 inter_size=rows[:, 3].to(torch.int32).to(self.device),
+                bias_offset=bias_offset.to(self.device),
+                act_kind=torch.tensor([a.kind for a in acts], dtype=torch.int32, device=self.device),
+                act_alpha=torch.tensor([a.alpha for a in acts], dtype=torch.float32, device=self.device),
+                act_limit=torch.tensor([a.limit for a in acts], dtype=torch.float32, device=self.device),
+                has_extras=any(self._slot_has_bias) or any(a != SILU for a in acts),
             )
         return self._tables
 

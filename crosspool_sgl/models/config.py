@@ -9,6 +9,7 @@ exactly as `transformers` interprets it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,15 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+    "Glm4MoeForCausalLM": "glm4_moe",
+    "GptOssForCausalLM": "gpt_oss",
 }
+_DEEPSEEK = ("deepseek_v2", "deepseek_v3")
+# Families whose MoE layers are all `n_routed_experts` experts + a weight-1 shared expert, dense before
+# `first_k_dense_replace`.
+_DEEPSEEK_STYLE_MOE = (*_DEEPSEEK, "glm4_moe")
 
 
 class UnsupportedModelError(ValueError):
@@ -34,6 +43,59 @@ class RopeConfig:
     theta: float
     rope_type: str = "default"  # default | linear | llama3 | yarn
     params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3): K/V come from one compressed latent per token."""
+
+    q_lora_rank: int | None  # None: q is one projection of the hidden state
+    kv_lora_rank: int  # R, the latent width
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int  # r, the decoupled rope part, shared by all heads
+    v_head_dim: int
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """What the KV cache stores per token and layer: the latent plus the rope'd key part."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How a MoE layer picks its experts and weighs them, as each transformers family does.
+
+    kind: "softmax" (softmax, top-k, optional renorm: Qwen/Mixtral/OLMoE, DeepSeek-V2 "greedy"),
+    "group_limited_greedy" (DeepSeek-V2: softmax, best `topk_group` groups by their max, top-k),
+    "sigmoid_grouped" (DeepSeek-V3/GLM-4 MoE: sigmoid + correction bias to choose, groups ranked
+    by the sum of their top-2, weights are the uncorrected sigmoid scores),
+    "topk_softmax" (gpt-oss: biased logits, top-k, softmax over the k chosen).
+    """
+
+    kind: str = "softmax"
+    top_k: int = 0
+    renormalize: bool = False
+    num_groups: int = 1
+    topk_groups: int = 1
+    scaling_factor: float = 1.0  # routed_scaling_factor
+    has_bias: bool = False  # gpt-oss router bias
+    has_correction_bias: bool = False  # e_score_correction_bias
+    fp32_logits: bool = False  # DeepSeek/GLM compute router logits from fp32 casts of x and the weight
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """What every expert (and shared/dense MLP) of the model computes."""
+
+    activation: str = "silu"  # "silu": silu(g) * u; "swiglu_clamped": gpt-oss (alpha, limit)
+    alpha: float = 1.0
+    limit: float = 0.0
+    has_bias: bool = False  # gpt-oss gate/up and down biases
+    gate_up_interleaved: bool = False  # gpt-oss stores [H, 2I] with gate/up in alternating columns
 
 
 @dataclass(frozen=True)
@@ -65,6 +127,14 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: 0 means no shared expert
     mlp_bias: bool = False
     eos_token_ids: tuple[int, ...] = ()
+    router: RouterConfig = RouterConfig()
+    experts: ExpertConfig = ExpertConfig()
+    shared_expert_gated: bool = True  # Qwen2-MoE's sigmoid gate; DeepSeek/GLM add theirs with weight 1
+    mla: MLAConfig | None = None
+    rotary_dim: int = 0  # dims of each head that rotate (partial rotary); 0 = all of head_dim
+    rope_interleaved: bool = False  # DeepSeek: rotate pairs (x0, x1), (x2, x3), ... not halves
+    attn_scale: float = 0.0  # softmax scale; 0 = head_dim ** -0.5
+    attn_sinks: bool = False  # gpt-oss: a learned per-head logit that joins every softmax
 
     @property
     def q_size(self) -> int:
@@ -73,6 +143,17 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def kv_layout(self) -> tuple[int, int, int]:
+        """(planes, heads, width) one token of one layer stores in the KV cache.
+
+        MHA/GQA/MQA: K and V planes of Hkv heads x head_dim. MLA: one plane, one "head" of
+        kv_lora_rank + qk_rope_head_dim (the latent is both the keys and, sliced, the values).
+        """
+        if self.mla is not None:
+            return 1, 1, self.mla.latent_dim
+        return 2, self.num_kv_heads, self.head_dim
 
 
 def load_model_config(model_dir: str | Path) -> ModelConfig:
@@ -96,9 +177,11 @@ def parse_model_config(
             f"{source}: architecture {arch!r} is not supported "
             f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
         )
+    _reject_quantized(raw, source)
     num_layers = raw["num_hidden_layers"]
     num_heads = raw["num_attention_heads"]
     moe = _parse_moe(raw, model_type, num_layers)
+    rope = _parse_rope(raw, source)
     return ModelConfig(
         model_type=model_type,
         vocab_size=raw["vocab_size"],
@@ -108,22 +191,78 @@ def parse_model_config(
         num_kv_heads=raw.get("num_key_value_heads") or num_heads,
         head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads,
         rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-        rope=_parse_rope(raw, source),
+        rope=rope,
         max_position_embeddings=raw.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         qkv_bias=model_type in ("qwen2", "qwen2_moe") or bool(raw.get("attention_bias", False)),
-        o_bias=model_type not in ("qwen2", "qwen2_moe") and bool(raw.get("attention_bias", False)),
-        qk_norm={"qwen3": "per_head", "qwen3_moe": "per_head", "olmoe": "full"}.get(model_type, "none"),
+        o_bias=model_type not in ("qwen2", "qwen2_moe", "glm4_moe")
+        and bool(raw.get("attention_bias", False)),
+        qk_norm=_qk_norm(raw, model_type),
         clip_qkv=raw.get("clip_qkv") if model_type == "olmoe" else None,
         sliding_windows=_parse_sliding_windows(raw, model_type, num_layers),
         intermediate_size=raw.get("intermediate_size", 0),
         mlp_bias=bool(raw.get("mlp_bias", False)),
         eos_token_ids=_eos_ids(raw, gen or {}),
+        attn_sinks=model_type == "gpt_oss",
+        **_parse_attention_shape(raw, model_type, rope),
         **moe,
     )
 
 
+def _reject_quantized(raw: dict[str, Any], source: str) -> None:
+    quant = raw.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise UnsupportedModelError(
+            f"{source}: {str(method).upper()}-quantised checkpoints are not supported yet "
+            "(serve a bf16/fp16/fp32 checkpoint)"
+        )
+
+
+def _qk_norm(raw: dict[str, Any], model_type: str) -> str:
+    if model_type == "glm4_moe":
+        return "per_head" if raw.get("use_qk_norm") else "none"
+    return {"qwen3": "per_head", "qwen3_moe": "per_head", "olmoe": "full"}.get(model_type, "none")
+
+
+def _parse_attention_shape(raw: dict[str, Any], model_type: str, rope: RopeConfig) -> dict[str, Any]:
+    """MLA fields, the rotary width and the softmax scale (DeepSeek's yarn mscale, squared)."""
+    head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
+    factor = float(rope.params.get("partial_rotary_factor", 1.0))
+    out: dict[str, Any] = {"rotary_dim": int(head_dim * factor), "attn_scale": head_dim**-0.5}
+    if model_type not in _DEEPSEEK:
+        return out
+    mla = MLAConfig(
+        q_lora_rank=raw.get("q_lora_rank"),
+        kv_lora_rank=raw["kv_lora_rank"],
+        qk_nope_head_dim=raw["qk_nope_head_dim"],
+        qk_rope_head_dim=raw["qk_rope_head_dim"],
+        v_head_dim=raw["v_head_dim"],
+    )
+    scale = mla.qk_head_dim**-0.5
+    mscale_all_dim = rope.params.get("mscale_all_dim")
+    if rope.rope_type != "default" and mscale_all_dim:  # transformers' yarn_apply_mscale
+        m = _yarn_mscale(rope.params["factor"], mscale_all_dim)
+        scale = scale * m * m
+    out.update(
+        mla=mla,
+        rotary_dim=mla.qk_rope_head_dim,
+        # V2 always rotates complex pairs; V3 when rope_interleave (its default)
+        rope_interleaved=model_type == "deepseek_v2" or bool(raw.get("rope_interleave", True)),
+        attn_scale=scale,
+    )
+    return out
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
 def _parse_moe(raw: dict[str, Any], model_type: str, num_layers: int) -> dict[str, Any]:
+    if model_type in _DEEPSEEK_STYLE_MOE:
+        return _parse_deepseek_style_moe(raw, model_type, num_layers)
+    if model_type == "gpt_oss":
+        return _parse_gpt_oss_moe(raw, num_layers)
     if model_type in ("llama", "qwen2", "qwen3"):
         return {"sparse_layers": (False,) * num_layers}
     if model_type == "mixtral":
@@ -134,6 +273,7 @@ def _parse_moe(raw: dict[str, Any], model_type: str, num_layers: int) -> dict[st
             "top_k": raw["num_experts_per_tok"],
             "moe_intermediate_size": raw["intermediate_size"],
             "norm_topk_prob": True,  # Mixtral always renormalises its top-k
+            "router": RouterConfig("softmax", raw["num_experts_per_tok"], renormalize=True),
         }
     num_experts = raw.get("num_experts", raw.get("num_local_experts", 0))
     step = raw.get("decoder_sparse_step", 1) or 1
@@ -150,6 +290,67 @@ def _parse_moe(raw: dict[str, Any], model_type: str, num_layers: int) -> dict[st
         "shared_expert_intermediate_size": (
             raw.get("shared_expert_intermediate_size", 0) if model_type == "qwen2_moe" else 0
         ),
+        "router": RouterConfig("softmax", raw["num_experts_per_tok"], bool(raw.get("norm_topk_prob", False))),
+    }
+
+
+def _parse_deepseek_style_moe(raw: dict[str, Any], model_type: str, num_layers: int) -> dict[str, Any]:
+    """DeepSeek-V2/V3 and GLM-4 MoE: dense first layers, routed + weight-1 shared experts."""
+    top_k = raw["num_experts_per_tok"]
+    first_dense = raw.get("first_k_dense_replace") or 0
+    if model_type == "deepseek_v2":
+        method = raw.get("topk_method") or "greedy"
+        if method not in ("greedy", "group_limited_greedy"):
+            raise UnsupportedModelError(f"DeepSeek-V2 topk_method {method!r} is not supported")
+        # transformers' V2 router never renormalises (norm_topk_prob is unused there)
+        router = RouterConfig(
+            "softmax" if method == "greedy" else method,
+            top_k,
+            renormalize=False,
+            num_groups=raw.get("n_group") or 1,
+            topk_groups=raw.get("topk_group") or 1,
+            scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
+            fp32_logits=True,
+        )
+    else:
+        router = RouterConfig(
+            "sigmoid_grouped",
+            top_k,
+            renormalize=bool(raw.get("norm_topk_prob", True)),
+            num_groups=raw.get("n_group") or 1,
+            topk_groups=raw.get("topk_group") or 1,
+            scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
+            has_correction_bias=True,
+            fp32_logits=True,
+        )
+    inter = raw["moe_intermediate_size"]
+    return {
+        "sparse_layers": tuple(i >= first_dense for i in range(num_layers)),
+        "num_experts": raw["n_routed_experts"],
+        "top_k": top_k,
+        "moe_intermediate_size": inter,
+        "norm_topk_prob": router.renormalize,
+        "shared_expert_intermediate_size": inter * (raw.get("n_shared_experts") or 0),
+        "shared_expert_gated": False,
+        "router": router,
+    }
+
+
+def _parse_gpt_oss_moe(raw: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    top_k = raw["num_experts_per_tok"]
+    return {
+        "sparse_layers": (True,) * num_layers,
+        "num_experts": raw["num_local_experts"],
+        "top_k": top_k,
+        "moe_intermediate_size": raw["intermediate_size"],
+        "router": RouterConfig("topk_softmax", top_k, has_bias=True),
+        "experts": ExpertConfig(
+            "swiglu_clamped",
+            alpha=float(raw.get("swiglu_alpha", 1.702)),
+            limit=float(raw.get("swiglu_limit", 7.0)),
+            has_bias=True,
+            gate_up_interleaved=True,
+        ),
     }
 
 
@@ -157,8 +358,10 @@ def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
     params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
     theta = params.pop("rope_theta", None) or raw.get("rope_theta", 10000.0)
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise UnsupportedModelError(f"{source}: partial_rotary_factor is not supported")
+    if "partial_rotary_factor" not in params and raw.get("partial_rotary_factor") is not None:
+        params["partial_rotary_factor"] = raw["partial_rotary_factor"]
+    if not 0.0 < float(params.get("partial_rotary_factor", 1.0)) <= 1.0:
+        raise UnsupportedModelError(f"{source}: partial_rotary_factor must be in (0, 1]")
     if rope_type not in ("default", "linear", "llama3", "yarn"):
         raise UnsupportedModelError(
             f"{source}: rope type {rope_type!r} is not supported (default, linear, llama3, yarn)"
@@ -173,6 +376,11 @@ def _parse_sliding_windows(raw: dict[str, Any], model_type: str, num_layers: int
     window = raw.get("sliding_window")
     if model_type in ("mixtral", "qwen3_moe"):  # one window for all layers when set
         return (window or None,) * num_layers
+    if model_type == "gpt_oss":
+        layer_types = raw.get("layer_types") or [
+            "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)
+        ]
+        return tuple(window if t == "sliding_attention" else None for t in layer_types)
     if model_type in ("qwen2", "qwen3", "qwen2_moe"):
         layer_types = raw.get("layer_types")
         if layer_types is None:

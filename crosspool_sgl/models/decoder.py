@@ -3,8 +3,9 @@
 Attention weights, norms, embeddings and the LM head belong to the model (the
 "attention side"); every FFN — MoE experts, Qwen2-MoE's shared expert, dense
 MLPs — lives in the shared weights pool and is reached through slot ids.
-The differences between Llama, Qwen2/3, Qwen2/3-MoE, Mixtral and OLMoE are
-fields of `ModelConfig`.
+The differences between Llama, Qwen2/3, Qwen2/3-MoE, Mixtral, OLMoE, GLM-4 MoE,
+gpt-oss and DeepSeek-V2/V3 are fields of `ModelConfig`; DeepSeek's multi-head
+latent attention lives in models/mla.py.
 
 Legend: T = new tokens this step, H = hidden, E = experts, K = top-k, V = vocab.
 """
@@ -17,11 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from crosspool_sgl.layers.attention.base import AttentionBackend, AttentionMetadata
-from crosspool_sgl.layers.moe import route_topk, run_ffn
+from crosspool_sgl.layers.moe import route, run_ffn
 from crosspool_sgl.layers.norm import rms_norm
 from crosspool_sgl.layers.rotary import RotaryEmbedding
 from crosspool_sgl.mem.weight_pool import WeightPool
 from crosspool_sgl.models.config import ModelConfig
+from crosspool_sgl.models.mla import MLAWeights, mla_attention
 
 
 @dataclass
@@ -30,7 +32,7 @@ class LayerWeights:
 
     input_norm: torch.Tensor  # [H]
     post_norm: torch.Tensor  # [H]
-    qkv_weight: torch.Tensor  # [Hq*D + 2*Hkv*D, H]
+    qkv_weight: torch.Tensor | None  # [Hq*D + 2*Hkv*D, H]; None for MLA (see `mla`)
     qkv_bias: torch.Tensor | None
     o_weight: torch.Tensor  # [H, Hq*D]
     o_bias: torch.Tensor | None
@@ -39,7 +41,11 @@ class LayerWeights:
     router: torch.Tensor | None  # [E, H]; None for a dense MLP layer
     ffn_slots: torch.Tensor  # [E] slot per expert, or [1] for a dense MLP
     shared_slot: int | None = None
-    shared_gate: torch.Tensor | None = None  # [1, H]
+    shared_gate: torch.Tensor | None = None  # [1, H]; None: the shared expert has weight 1
+    router_bias: torch.Tensor | None = None  # [E] (gpt-oss)
+    correction_bias: torch.Tensor | None = None  # [E] e_score_correction_bias (DeepSeek-V3, GLM-4)
+    sinks: torch.Tensor | None = None  # [Hq] fp32 (gpt-oss)
+    mla: MLAWeights | None = None
 
 
 @dataclass
@@ -67,8 +73,9 @@ class DecoderModel:
         self.weights = weights
         self.weight_pool = weight_pool
         self.attn_backend = attn_backend
-        self.rotary = RotaryEmbedding(config.rope, config.head_dim, device)
-        self.scale = config.head_dim**-0.5
+        rotary_dim = config.rotary_dim or config.head_dim
+        self.rotary = RotaryEmbedding(config.rope, rotary_dim, device, config.rope_interleaved)
+        self.scale = config.attn_scale or config.head_dim**-0.5
 
     @torch.inference_mode()
     def forward(
@@ -98,6 +105,8 @@ class DecoderModel:
 
     def attention(self, i, lw: LayerWeights, x, positions, meta, kv) -> torch.Tensor:
         cfg = self.config
+        if lw.mla is not None:
+            return F.linear(mla_attention(self, i, lw.mla, x, positions, meta, kv), lw.o_weight, lw.o_bias)
         qkv = F.linear(x, lw.qkv_weight, lw.qkv_bias)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         if cfg.qk_norm == "full":  # OLMoE: one norm over all heads
@@ -113,7 +122,7 @@ class DecoderModel:
             k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
         q, k = self.rotary(positions, q, k)
         out = self.attn_backend.forward(
-            q, k, v, kv, i, meta, self.scale, cfg.sliding_windows[i]
+            q, k, v, kv, i, meta, self.scale, cfg.sliding_windows[i], sinks=lw.sinks
         )  # [T, Hq, D]
         return F.linear(out.reshape(-1, cfg.q_size), lw.o_weight, lw.o_bias)
 
@@ -124,10 +133,18 @@ class DecoderModel:
         if lw.router is None:  # dense MLP: one slot, weight 1
             ids = lw.ffn_slots.expand(num_tokens, 1)
             return ids, torch.ones(num_tokens, 1, dtype=x.dtype, device=x.device)
-        weights, experts = route_topk(F.linear(x, lw.router), cfg.top_k, cfg.norm_topk_prob)
+        if cfg.router.fp32_logits:
+            logits = F.linear(x.float(), lw.router.float())
+        else:
+            logits = F.linear(x, lw.router, lw.router_bias)
+        weights, experts = route(logits, cfg.router, lw.correction_bias)
+        weights = weights.to(x.dtype)
         slots = lw.ffn_slots[experts]  # [T, K]
         if lw.shared_slot is not None:
-            gate = torch.sigmoid(F.linear(x, lw.shared_gate))  # [T, 1]
+            if lw.shared_gate is not None:  # Qwen2-MoE: a sigmoid gate
+                gate = torch.sigmoid(F.linear(x, lw.shared_gate))  # [T, 1]
+            else:  # DeepSeek / GLM: always on, weight 1
+                gate = torch.ones(num_tokens, 1, dtype=x.dtype, device=x.device)
             shared = torch.full_like(slots[:, :1], lw.shared_slot)
             slots = torch.cat([slots, shared], dim=1)
             weights = torch.cat([weights, gate.to(weights.dtype)], dim=1)

@@ -17,9 +17,10 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from crosspool_sgl.layers.attention.base import AttentionBackend
-from crosspool_sgl.mem.weight_pool import WeightPool
+from crosspool_sgl.mem.weight_pool import ACT_SWIGLU_CLAMPED, SlotActivation, WeightPool
 from crosspool_sgl.models.config import ModelConfig, UnsupportedModelError, load_model_config
 from crosspool_sgl.models.decoder import DecoderModel, LayerWeights, ModelWeights
+from crosspool_sgl.models.mla import MLAWeights
 
 
 class MissingWeightError(KeyError):
@@ -94,38 +95,29 @@ def load_model(
 
 
 def ffn_elements(config: ModelConfig) -> int:
-    """Elements this model adds to the weights pool (gate + up + down of every FFN)."""
+    """Elements this model adds to the weights pool (gate + up + down of every FFN, + biases)."""
+    hidden = config.hidden_size
+
+    def expert(inter: int, biased: bool = False) -> int:
+        return 3 * inter * hidden + (2 * inter + hidden if biased else 0)
+
     total = 0
     for sparse in config.sparse_layers:
         if sparse:
-            total += config.num_experts * 3 * config.moe_intermediate_size * config.hidden_size
-            total += 3 * config.shared_expert_intermediate_size * config.hidden_size
+            total += config.num_experts * expert(config.moe_intermediate_size, config.experts.has_bias)
+            if config.shared_expert_intermediate_size:
+                total += expert(config.shared_expert_intermediate_size)
         else:
-            total += 3 * config.intermediate_size * config.hidden_size
+            total += expert(config.intermediate_size)
     return total
 
 
 def _load_layer(name: str, i: int, cfg: ModelConfig, ckpt: CheckpointReader, get, pool: WeightPool):
     p = f"model.layers.{i}."
-    a = p + "self_attn."
-    qkv_weight = torch.cat([get(a + "q_proj.weight"), get(a + "k_proj.weight"), get(a + "v_proj.weight")])
-    qkv_bias = None
-    if cfg.qkv_bias:
-        qkv_bias = torch.cat([get(a + "q_proj.bias"), get(a + "k_proj.bias"), get(a + "v_proj.bias")])
-    has_norm = cfg.qk_norm != "none"
-    layer = LayerWeights(
-        input_norm=get(p + "input_layernorm.weight"),
-        post_norm=get(p + "post_attention_layernorm.weight"),
-        qkv_weight=qkv_weight,
-        qkv_bias=qkv_bias,
-        o_weight=get(a + "o_proj.weight"),
-        o_bias=get(a + "o_proj.bias") if cfg.o_bias else None,
-        q_norm=get(a + "q_norm.weight") if has_norm else None,
-        k_norm=get(a + "k_norm.weight") if has_norm else None,
-        router=None,
-        ffn_slots=torch.empty(0),
-    )
-    device = qkv_weight.device
+    layer = _load_attention(p + "self_attn.", cfg, ckpt, get)
+    layer.input_norm = get(p + "input_layernorm.weight")
+    layer.post_norm = get(p + "post_attention_layernorm.weight")
+    device = layer.o_weight.device
     if not cfg.sparse_layers[i]:
         m = p + "mlp."
         slot = pool.add_expert(
@@ -134,15 +126,86 @@ def _load_layer(name: str, i: int, cfg: ModelConfig, ckpt: CheckpointReader, get
         layer.ffn_slots = torch.tensor([slot], device=device)
         return layer
     moe = p + ("block_sparse_moe." if cfg.model_type == "mixtral" else "mlp.")
-    layer.router = get(moe + "gate.weight")
-    slots = [pool.add_expert(name, i, e, *w) for e, w in enumerate(_expert_weights(cfg, moe, ckpt, get))]
+    router = moe + ("router." if cfg.model_type == "gpt_oss" else "gate.")
+    layer.router = get(router + "weight")
+    layer.router_bias = get(router + "bias") if cfg.router.has_bias else None
+    if cfg.router.has_correction_bias:
+        layer.correction_bias = ckpt.get(router + "e_score_correction_bias", torch.float32, device)
+    slots = [pool.add_expert(name, i, e, *w, **kw) for e, (w, kw) in enumerate(_experts(cfg, moe, ckpt, get))]
     layer.ffn_slots = torch.tensor(slots, device=device)
     if cfg.shared_expert_intermediate_size:
-        s = moe + "shared_expert."
+        s = moe + ("shared_expert." if cfg.shared_expert_gated else "shared_experts.")
         shared = (get(s + "gate_proj.weight"), get(s + "up_proj.weight"), get(s + "down_proj.weight"))
         layer.shared_slot = pool.add_expert(name, i, cfg.num_experts, *shared)
-        layer.shared_gate = get(moe + "shared_expert_gate.weight")
+        if cfg.shared_expert_gated:
+            layer.shared_gate = get(moe + "shared_expert_gate.weight")
     return layer
+
+
+def _load_attention(a: str, cfg: ModelConfig, ckpt: CheckpointReader, get) -> LayerWeights:
+    """A layer's attention tensors (norms and FFN are filled in by the caller)."""
+    has_norm = cfg.qk_norm != "none"
+    layer = LayerWeights(
+        input_norm=None,
+        post_norm=None,
+        qkv_weight=None,
+        qkv_bias=None,
+        o_weight=get(a + "o_proj.weight"),
+        o_bias=get(a + "o_proj.bias") if cfg.o_bias else None,
+        q_norm=get(a + "q_norm.weight") if has_norm else None,
+        k_norm=get(a + "k_norm.weight") if has_norm else None,
+        router=None,
+        ffn_slots=torch.empty(0),
+    )
+    if cfg.mla is not None:
+        layer.mla = _load_mla(a, cfg, get)
+        return layer
+    layer.qkv_weight = torch.cat(
+        [get(a + "q_proj.weight"), get(a + "k_proj.weight"), get(a + "v_proj.weight")]
+    )
+    if cfg.qkv_bias:
+        layer.qkv_bias = torch.cat([get(a + "q_proj.bias"), get(a + "k_proj.bias"), get(a + "v_proj.bias")])
+    if cfg.attn_sinks:  # a logit in the softmax: kept in fp32 whatever the serving dtype
+        layer.sinks = ckpt.get(a + "sinks", torch.float32, layer.o_weight.device)
+    return layer
+
+
+def _load_mla(a: str, cfg: ModelConfig, get) -> MLAWeights:
+    bias = cfg.qkv_bias  # attention_bias: q_a_proj and kv_a_proj_with_mqa have biases
+    lora = cfg.mla.q_lora_rank is not None
+    return MLAWeights.from_kv_b(
+        cfg,
+        get(a + "kv_b_proj.weight"),
+        q_proj=None if lora else get(a + "q_proj.weight"),
+        q_a_proj=get(a + "q_a_proj.weight") if lora else None,
+        q_a_bias=get(a + "q_a_proj.bias") if lora and bias else None,
+        q_a_norm=get(a + "q_a_layernorm.weight") if lora else None,
+        q_b_proj=get(a + "q_b_proj.weight") if lora else None,
+        kv_a_proj=get(a + "kv_a_proj_with_mqa.weight"),
+        kv_a_bias=get(a + "kv_a_proj_with_mqa.bias") if bias else None,
+        kv_a_norm=get(a + "kv_a_layernorm.weight"),
+    )
+
+
+def _experts(cfg: ModelConfig, moe: str, ckpt: CheckpointReader, get):
+    """Yield ((gate [I, H], up [I, H], down [H, I]), add_expert kwargs) per expert."""
+    if cfg.experts.gate_up_interleaved:
+        yield from _gpt_oss_experts(cfg, moe, get)
+        return
+    for w in _expert_weights(cfg, moe, ckpt, get):
+        yield w, {}
+
+
+def _gpt_oss_experts(cfg: ModelConfig, moe: str, get):
+    """gpt-oss: gate_up [E, H, 2I] with gate/up in alternating columns, down [E, I, H], biases."""
+    x = moe + "experts."
+    gate_up, gate_up_bias = get(x + "gate_up_proj"), get(x + "gate_up_proj_bias")
+    down, down_bias = get(x + "down_proj"), get(x + "down_proj_bias")
+    act = SlotActivation(ACT_SWIGLU_CLAMPED, cfg.experts.alpha, cfg.experts.limit)
+    for e in range(cfg.num_experts):
+        weights = (gate_up[e, :, 0::2].t(), gate_up[e, :, 1::2].t(), down[e].t())
+        biases = (gate_up_bias[e, 0::2], gate_up_bias[e, 1::2], down_bias[e])
+        yield weights, {"biases": biases, "activation": act}
 
 
 def _expert_weights(cfg: ModelConfig, moe: str, ckpt: CheckpointReader, get):

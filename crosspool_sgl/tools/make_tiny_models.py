@@ -56,6 +56,9 @@ WEIGHT_STD = 0.1
 # engine that drops a bias or a norm weight produces different tokens.
 BIAS_STD = 0.2
 NORM_GAIN_RANGE = (0.5, 1.5)
+# DeepSeek-V3 / GLM-4 e_score_correction_bias ~ N(0, CORRECTION_BIAS_STD²) (HF inits zeros): large enough
+# against sigmoid scores ~0.5 +- 0.2 to change which experts are chosen, but not which weigh them.
+CORRECTION_BIAS_STD = 0.1
 # Extra gain on the final norm: logits std ~0.8 * LOGIT_SCALE, which widens the absolute top-1/top-2 gap.
 LOGIT_SCALE = 4.0
 
@@ -188,6 +191,112 @@ MODEL_SPECS: dict[str, TinyModelSpec] = {
             },
         },
     ),
+    # MLA without a q LoRA, v_head_dim (16) != qk head dim (24), yarn with mscale != mscale_all_dim (so
+    # both the cos/sin attention factor and the softmax mscale^2 differ from 1), V2's group-limited
+    # greedy routing with a routed scaling factor, a shared expert, one dense first layer.
+    "deepseek_v2": TinyModelSpec(
+        "DeepseekV2Config",
+        {
+            **_BASE,
+            "num_hidden_layers": 3,
+            "num_key_value_heads": 4,
+            "q_lora_rank": None,
+            "kv_lora_rank": 32,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 16,
+            "first_k_dense_replace": 1,
+            "intermediate_size": 96,
+            "moe_intermediate_size": 32,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 1,
+            "topk_method": "group_limited_greedy",
+            "n_group": 4,
+            "topk_group": 2,
+            "routed_scaling_factor": 1.5,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 1024,
+                "mscale": 1.0,
+                "mscale_all_dim": 0.8,
+            },
+        },
+    ),
+    # MLA with a q LoRA, interleaved rope, sigmoid routing with a (non-zero, see _randomize)
+    # e_score_correction_bias over 2 groups of which 1 is kept, renormalised and scaled.
+    "deepseek_v3": TinyModelSpec(
+        "DeepseekV3Config",
+        {
+            **_BASE,
+            "num_key_value_heads": 4,
+            "q_lora_rank": 24,
+            "kv_lora_rank": 32,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 16,
+            "rope_interleave": True,
+            "first_k_dense_replace": 1,
+            "intermediate_size": 96,
+            "moe_intermediate_size": 32,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 1,
+            "n_group": 2,
+            "topk_group": 1,
+            "norm_topk_prob": True,
+            "routed_scaling_factor": 2.5,
+        },
+    ),
+    # Partial rotary (half of each head), per-head q/k norms, q/k/v biases, a shared expert, sigmoid +
+    # correction-bias routing, one dense first layer.
+    "glm4_moe": TinyModelSpec(
+        "Glm4MoeConfig",
+        {
+            **_BASE,
+            "partial_rotary_factor": 0.5,
+            "use_qk_norm": True,
+            "attention_bias": True,
+            "first_k_dense_replace": 1,
+            "intermediate_size": 96,
+            "moe_intermediate_size": 32,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 1,
+            "n_group": 2,
+            "topk_group": 1,
+            "norm_topk_prob": True,
+            "routed_scaling_factor": 1.8,
+        },
+    ),
+    # Learned sinks, a sliding (16 < every test prompt) then a full layer, biased experts with the
+    # clamped SwiGLU (a low limit so the clamp bites), a router bias, yarn without truncation.
+    "gpt_oss": TinyModelSpec(
+        "GptOssConfig",
+        {
+            **_BASE,
+            "head_dim": 16,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "intermediate_size": 48,  # 2I != H, so a transposed [H, 2I] expert would not load
+            "sliding_window": 16,
+            # the clamp changes the output here (7.0, the default, and 3.0 do not); 1.0 collapsed the
+            # output to 3-5 distinct tokens. Margins: top-1/top-2 logit gap 1.1e-2, router gap 1.5e-3.
+            "swiglu_limit": 2.0,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 8.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 512,
+            },
+        },
+        expect_layer_types=("sliding_attention", "full_attention"),
+    ),
 }
 
 
@@ -310,8 +419,11 @@ def _randomize(model: PreTrainedModel, seed: int) -> None:
                 param.normal_(0.0, WEIGHT_STD, generator=gen)
             elif name.endswith("bias"):
                 param.normal_(0.0, BIAS_STD, generator=gen)
-            else:  # RMSNorm gains (layer norms, q/k norms, final norm)
+            else:  # RMSNorm gains (layer norms, q/k norms, final norm; gpt-oss's sinks)
                 param.uniform_(*NORM_GAIN_RANGE, generator=gen)
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.normal_(0.0, CORRECTION_BIAS_STD, generator=gen)
         model.model.norm.weight.mul_(LOGIT_SCALE)
 
 

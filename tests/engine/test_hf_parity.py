@@ -1,5 +1,10 @@
 """Every architecture, all loaded in one Engine, against Hugging Face transformers (fp32).
 
+The MoE families of issue 13 ride along: DeepSeek-V2 (MLA without q LoRA, yarn mscale,
+group-limited greedy), DeepSeek-V3 (q LoRA, interleaved rope, sigmoid routing with a non-zero
+correction bias), GLM-4 MoE (partial rotary, qk norm, biases) and gpt-oss (sinks, a 16-token
+window shorter than the prompts, biased clamped-SwiGLU experts) — see tools/make_tiny_models.py.
+
 Requests of all models are interleaved in the same batches; greedy tokens must
 be identical to `transformers` `generate(do_sample=False)` for 32 new tokens and
 prompt/output logprobs must agree within 1e-4.
@@ -12,12 +17,16 @@ import torch
 import transformers
 
 from crosspool_sgl import Engine
-from tests.conftest import ALL_ARCHS
+from tests.conftest import ALL_ARCHS as BASE_ARCHS
+
+NEW_FAMILIES = ("deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss")
+ALL_ARCHS = (*BASE_ARCHS, *NEW_FAMILIES)
 
 PROMPTS = [
     "Hello world, this is a test of",
     "The quick brown fox",
-    # long enough (with 32 new tokens) to cross Mixtral's (48) and Qwen2's (40) sliding windows
+    # long enough (with 32 new tokens) to cross Mixtral's (48) and Qwen2's (40) sliding windows;
+    # gpt-oss's (16) is shorter than this prompt alone
     "a b c d e f g h i j k l m n o p q r s t u v w x y z and then some more text to cross the window",
 ]
 NEW_TOKENS = 32

@@ -1,10 +1,16 @@
 """The one interface every attention backend implements, and the metadata it reads.
 
 Backends see tensors and page tables only, never pool objects: the KV of one
-model is its view ``kv`` [N, L, 2, PT, Hkv, D] of the shared arena.
+model is its view ``kv`` [N, L, P, PT, Hkv, D] of the shared arena, in the
+model's own page geometry (`mem.kv_pool.KVGeometry`): P = 2 planes (K, V) for
+MHA/GQA/MQA, or P = 1 plane holding one latent "head" for MLA, which serves as
+the keys and, its first `value_dim` columns, as the values. So MLA (computed in
+absorbed form by the model, see models/mla.py) is MQA over the latent for a
+backend: no special case beyond "the values live in the key plane".
 
 Legend: T = new tokens in the batch, B = sequences, N = pages, L = layers,
-PT = tokens per page, Hq/Hkv = query/KV heads, D = head dim.
+P = planes, PT = tokens per page, Hq/Hkv = query/KV heads, D = head dim,
+Dv = value width (D, or the latent rank for MLA).
 """
 
 from __future__ import annotations
@@ -70,21 +76,34 @@ class AttentionBackend(ABC):
 
     @staticmethod
     def write_kv(
-        kv: torch.Tensor, layer: int, meta: AttentionMetadata, k: torch.Tensor, v: torch.Tensor
+        kv: torch.Tensor, layer: int, meta: AttentionMetadata, k: torch.Tensor, v: torch.Tensor | None
     ) -> None:
+        """New tokens' K (or latent) into plane 0 and V into plane 1 (when the geometry has one)."""
         kv[meta.write_pages, layer, 0, meta.write_slots] = k
-        kv[meta.write_pages, layer, 1, meta.write_slots] = v
+        if v is not None:
+            kv[meta.write_pages, layer, 1, meta.write_slots] = v
 
     @abstractmethod
     def forward(
         self,
         q: torch.Tensor,  # [T, Hq, D]
         k: torch.Tensor,  # [T, Hkv, D]
-        v: torch.Tensor,  # [T, Hkv, D]
-        kv: torch.Tensor,  # [N, L, 2, PT, Hkv, D]
+        v: torch.Tensor | None,  # [T, Hkv, D]; None: values are k[..., :value_dim] (one-plane MLA)
+        kv: torch.Tensor,  # [N, L, P, PT, Hkv, D]
         layer: int,
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
-    ) -> torch.Tensor:  # [T, Hq, D]
+        sinks: torch.Tensor | None = None,  # [Hq] fp32: a learned logit per head in every softmax
+        value_dim: int | None = None,  # Dv when v is None
+    ) -> torch.Tensor:  # [T, Hq, Dv]
         ...
+
+
+def kv_planes(kv: torch.Tensor, pages: torch.Tensor, layer: int, value_dim: int | None):
+    """Gathered (keys, values) [*pages.shape, PT, Hkv, D|Dv] of `pages` (values: a view for MLA)."""
+    keys = kv[pages, layer, 0]
+    if kv.shape[2] == 1:  # one latent plane: the values are its first value_dim columns
+        assert value_dim is not None, "a one-plane (MLA) KV view needs value_dim"
+        return keys, keys[..., :value_dim]
+    return keys, kv[pages, layer, 1]

@@ -6,6 +6,12 @@ NHD paged layout [N, PT, Hkv, D] with a page stride of L*2*PT*Hkv*D elements
 Plans depend on the window (HF window w = FlashInfer window_left w - 1), so one
 wrapper is planned per distinct window per forward pass.
 
+One-plane (MLA latent) views use FlashInfer's MLA paged kernel
+(`flashinfer.mla.BatchMLAPagedAttentionWrapper`) on the absorbed query, split
+into its latent part [T, Hq, R] and rope part [T, Hq, r]; the cache is passed as
+the latent and rope column slices of plane 0. Attention sinks (gpt-oss) are not
+in FlashInfer's paged prefill API we target, so those layers run the torch backend.
+
 Not yet run on a GPU in this project (no GPU was lent when it was written): it
 follows FlashInfer 0.7's documented API; tests/gpu compares it with the torch
 backend when a GPU is present.
@@ -16,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from crosspool_sgl.layers.attention.base import AttentionBackend, AttentionMetadata
+from crosspool_sgl.layers.attention.torch_backend import TorchAttentionBackend
 
 _WORKSPACE_BYTES = 128 << 20
 
@@ -31,10 +38,53 @@ class FlashInferAttentionBackend(AttentionBackend):
         self._wrappers: dict[int, object] = {}
         self._planned: dict[int, tuple] = {}
         self._meta: AttentionMetadata | None = None
+        self._mla_wrapper = None
+        self._mla_planned: tuple | None = None
+        self._torch = TorchAttentionBackend()
 
     def init_forward(self, meta: AttentionMetadata) -> None:
         self._meta = meta
         self._planned.clear()
+        self._mla_planned = None
+
+    def _csr(self, meta: AttentionMetadata, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(qo_indptr, kv_indptr, kv_indices) of the step, int32 on `device`."""
+        num_pages = [-(-n // meta.page_tokens) for n in meta.seq_lens_cpu]
+        indices = torch.cat([meta.page_table[i, :n] for i, n in enumerate(num_pages)]).to(torch.int32)
+        return (
+            _prefix_sum(meta.extend_lens_cpu).to(device),
+            _prefix_sum(num_pages).to(device),
+            indices.to(device),
+        )
+
+    def _forward_mla(self, q, k, kv, layer, meta: AttentionMetadata, scale, value_dim: int):
+        """q [T, Hq, R+r] absorbed, k [T, 1, R+r] latents -> [T, Hq, R]."""
+        self.write_kv(kv, layer, meta, k, None)
+        rank = value_dim
+        if self._mla_wrapper is None:
+            self._mla_wrapper = self._flashinfer.mla.BatchMLAPagedAttentionWrapper(self.workspace)
+        key = (q.shape[1], kv.shape[-1], scale)
+        if self._mla_planned != key:
+            qo_indptr, kv_indptr, kv_indices = self._csr(meta, q.device)
+            self._mla_wrapper.plan(
+                qo_indptr,
+                kv_indptr,
+                kv_indices,
+                meta.seq_lens.to(torch.int32),
+                q.shape[1],
+                rank,
+                kv.shape[-1] - rank,
+                meta.page_tokens,
+                True,  # causal
+                scale,
+                q.dtype,
+                kv.dtype,
+            )
+            self._mla_planned = key
+        plane = kv[:, layer, 0, :, 0]  # [N, PT, R+r]
+        return self._mla_wrapper.run(
+            q[..., :rank].contiguous(), q[..., rank:].contiguous(), plane[..., :rank], plane[..., rank:]
+        )
 
     def _wrapper(self, q, kv, meta: AttentionMetadata, scale: float, window_left: int):
         key = (q.shape[1], kv.shape[-2], kv.shape[-1], scale)
@@ -67,7 +117,11 @@ class FlashInferAttentionBackend(AttentionBackend):
             self._planned[window_left] = key
         return wrapper
 
-    def forward(self, q, k, v, kv, layer, meta, scale, sliding_window):
+    def forward(self, q, k, v, kv, layer, meta, scale, sliding_window, sinks=None, value_dim=None):
+        if sinks is not None or (v is None and sliding_window):
+            return self._torch.forward(q, k, v, kv, layer, meta, scale, sliding_window, sinks, value_dim)
+        if v is None:
+            return self._forward_mla(q, k, kv, layer, meta, scale, value_dim)
         self.write_kv(kv, layer, meta, k, v)
         window_left = sliding_window - 1 if sliding_window else -1
         wrapper = self._wrapper(q, kv, meta, scale, window_left)

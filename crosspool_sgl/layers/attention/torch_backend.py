@@ -2,7 +2,12 @@
 
 Runs everywhere (CPU and GPU) and is the CPU default. Decode steps are batched
 into one SDPA call over padded gathers; prefill/extend runs one SDPA per
-sequence (their lengths differ).
+sequence (their lengths differ). One-plane (MLA latent) views read their values
+from the key plane; attention sinks (gpt-oss) join the softmax as one extra
+all-zero key whose logit is the sink, passed through SDPA's additive mask, so the
+sink takes its share of the probability mass and adds nothing to the output.
+
+Legend: T = new tokens, B = sequences, S = keys, H = heads, D = head dim, Dv = value width.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from crosspool_sgl.layers.attention.base import AttentionBackend, AttentionMetadata
+from crosspool_sgl.layers.attention.base import AttentionBackend, AttentionMetadata, kv_planes
 
 
 def attention_mask(q_pos: torch.Tensor, k_len: int, sliding_window: int | None) -> torch.Tensor:
@@ -22,52 +27,65 @@ def attention_mask(q_pos: torch.Tensor, k_len: int, sliding_window: int | None) 
     return mask
 
 
+def sdpa(
+    q: torch.Tensor,  # [..., Hq, Tq, D]
+    k: torch.Tensor,  # [..., Hkv, S, D]
+    v: torch.Tensor,  # [..., Hkv, S, Dv]
+    mask: torch.Tensor,  # bool, broadcastable to [..., Hq, Tq, S]
+    scale: float,
+    sinks: torch.Tensor | None,  # [Hq]
+) -> torch.Tensor:  # [..., Hq, Tq, Dv]
+    gqa = k.shape[-3] != q.shape[-3]
+    if sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    sink = sinks.to(q.dtype)[:, None, None].expand(*q.shape[:-1], 1)  # [..., Hq, Tq, 1]
+    bias = torch.cat((bias.expand(*q.shape[:-1], bias.shape[-1]), sink), dim=-1)  # [..., Hq, Tq, S+1]
+    k = F.pad(k, (0, 0, 0, 1))  # the sink's key: zeros, so its logit is just the bias
+    v = F.pad(v, (0, 0, 0, 1))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=gqa)
+
+
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
     thread_safe = True
 
-    def forward(self, q, k, v, kv, layer, meta, scale, sliding_window):
+    def forward(
+        self, q, k, v, kv, layer, meta, scale, sliding_window, sinks=None, value_dim=None
+    ) -> torch.Tensor:
         self.write_kv(kv, layer, meta, k, v)
         if meta.is_decode:
-            return self._decode(q, kv, layer, meta, scale, sliding_window)
-        out = torch.empty_like(q)
+            return self._decode(q, kv, layer, meta, scale, sliding_window, sinks, value_dim)
+        out = q.new_empty(*q.shape[:2], value_dim or q.shape[-1])  # [T, Hq, Dv]
         start = 0
         for i, (total, new) in enumerate(zip(meta.seq_lens_cpu, meta.extend_lens_cpu, strict=True)):
             num_pages = -(-total // meta.page_tokens)
             pages = meta.page_table[i, :num_pages].long()
-            keys = kv[pages, layer, 0].flatten(0, 1)[:total]  # [S, Hkv, D]
-            values = kv[pages, layer, 1].flatten(0, 1)[:total]
+            keys, values = kv_planes(kv, pages, layer, value_dim)
+            keys, values = keys.flatten(0, 1)[:total], values.flatten(0, 1)[:total]  # [S, Hkv, D|Dv]
             q_pos = torch.arange(total - new, total, device=q.device)
             mask = attention_mask(q_pos, total, sliding_window)
-            out[start : start + new] = self._sdpa(q[start : start + new], keys, values, mask, scale)
+            # 4-D with the KV heads repeated: on CPU, 3-D or `enable_gqa` inputs take SDPA's math path
+            # (bmm + softmax + mask checks), 4-D ones its flash kernel — measured 3.5-5x faster for a
+            # 256-token chunk at 1k-10k context (4 heads, D=16), which bounds what a prefill chunk costs.
+            group = q.shape[1] // keys.shape[1]
+            qh = q[start : start + new].transpose(0, 1)[None]  # [1, Hq, T, D]
+            kh = keys.transpose(0, 1).repeat_interleave(group, 0)[None]  # [1, Hq, S, D]
+            vh = values.transpose(0, 1).repeat_interleave(group, 0)[None]  # [1, Hq, S, Dv]
+            out[start : start + new] = sdpa(qh, kh, vh, mask, scale, sinks)[0].transpose(0, 1)
             start += new
         return out
 
-    def _decode(self, q, kv, layer, meta: AttentionMetadata, scale, sliding_window):
+    def _decode(self, q, kv, layer, meta: AttentionMetadata, scale, sliding_window, sinks, value_dim):
         max_pages = -(-max(meta.seq_lens_cpu) // meta.page_tokens)
         pages = meta.page_table[:, :max_pages].long()  # [B, P]
-        keys = kv[pages, layer, 0].flatten(1, 2)  # [B, P*PT, Hkv, D]
-        values = kv[pages, layer, 1].flatten(1, 2)
+        keys, values = kv_planes(kv, pages, layer, value_dim)
+        keys, values = keys.flatten(1, 2), values.flatten(1, 2)  # [B, P*PT, Hkv, D|Dv]
         q_pos = (meta.seq_lens - 1).long()  # [B]
         k_pos = torch.arange(keys.shape[1], device=q.device)
         mask = k_pos[None, :] <= q_pos[:, None]  # [B, S]
         if sliding_window:
             mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
         qh = q.unsqueeze(2)  # [B, Hq, 1, D]
-        kh, vh = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, S, D]
-        out = F.scaled_dot_product_attention(
-            qh, kh, vh, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=kh.shape[1] != qh.shape[1]
-        )
-        return out.squeeze(2)
-
-    @staticmethod
-    def _sdpa(q, keys, values, mask, scale) -> torch.Tensor:
-        # 4-D inputs with the KV heads repeated: on CPU, 3-D or `enable_gqa` inputs take SDPA's math
-        # path (bmm + softmax + mask checks), 4-D ones its flash kernel — measured 3.5-5x faster for a
-        # 256-token chunk at 1k-10k context (4 heads, D=16), which bounds what a prefill chunk costs.
-        group = q.shape[1] // keys.shape[1]
-        qh = q.transpose(0, 1)[None]  # [1, Hq, Tq, D]
-        kh = keys.transpose(0, 1).repeat_interleave(group, 0)[None]  # [1, Hq, S, D]
-        vh = values.transpose(0, 1).repeat_interleave(group, 0)[None]
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[None, None], scale=scale)
-        return out[0].transpose(0, 1)
+        kh, vh = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, S, D|Dv]
+        return sdpa(qh, kh, vh, mask[:, None, None, :], scale, sinks).squeeze(2)
