@@ -57,6 +57,15 @@ class DisaggArgs:
 
 
 @dataclass(frozen=True)
+class GrammarArgs:
+    """Structured output through SGLang's xgrammar backend (SGLang's --constrained-json-* flags)."""
+
+    json_any_whitespace: bool = True  # False: JSON in its compact form only
+    json_max_whitespace_cnt: int | None = None  # most consecutive whitespace characters in JSON
+    compile_workers: int = 2  # threads compiling grammars, off the step loop
+
+
+@dataclass(frozen=True)
 class EngineArgs:
     models: tuple[ModelSpec, ...]
     device: str = "cpu"
@@ -67,6 +76,7 @@ class EngineArgs:
     scheduler: SchedulerArgs = field(default_factory=SchedulerArgs)
     show_progress: bool = True
     disagg: DisaggArgs = field(default_factory=DisaggArgs)
+    grammar: GrammarArgs = field(default_factory=GrammarArgs)
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,7 @@ def build_runtime(args: EngineArgs) -> Runtime:
         detokenizers={n: _decode_fn(t) for n, t in tokenizers.items()},
         prefix_cache=PrefixCache(kv_pool, enabled=args.kv_pool.prefix_cache),
     )
+    scheduler.grammar_compiler = _build_grammar_compiler(args, tokenizers, configs)
     logger.info(
         "runtime ready: %d models, weights pool %.1f MiB, KV pool %.1f MiB (%d chunks of %d KiB), "
         "attention=%s",
@@ -136,6 +137,18 @@ def build_runtime(args: EngineArgs) -> Runtime:
         attn.name,
     )
     return Runtime(scheduler, kv_pool, weight_pool, models, tokenizers, device, dtype, residency)
+
+
+def _build_grammar_compiler(args: EngineArgs, tokenizers: dict, configs: dict[str, ModelConfig]):
+    """SGLang's xgrammar backend, one per model (its tokenizer, its logits width, its EOS ids)."""
+    from crosspool_sgl.constrained.xgrammar_compiler import SGLangGrammarCompiler
+
+    return SGLangGrammarCompiler(
+        tokenizers,
+        {n: c.vocab_size for n, c in configs.items()},
+        {n: c.eos_token_ids for n, c in configs.items()},
+        args.grammar,
+    )
 
 
 def _build_residency(args: EngineArgs, pool: WeightPool) -> ResidencyManager:
