@@ -29,6 +29,7 @@ from crosspool_sgl.models.config import UnsupportedModelError, load_model_config
 from crosspool_sgl.server_args import (
     DisaggArgs,
     EngineArgs,
+    GrammarArgs,
     KVPoolArgs,
     ModelSpec,
     SchedulerArgs,
@@ -166,6 +167,29 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     add_weight_pool_flags(p)
     add_process_flags(p)
     add_disagg_flags(p)
+    add_sampling_flags(p)
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """Structured output (SGLang's xgrammar backend) and tool calling (SGLang's parsers)."""
+    p.add_argument(
+        "--tool-call-parser",
+        default=None,
+        help="SGLang tool-call parser for `tools` requests: one for every model (e.g. hermes) or per "
+        "model NAME=PARSER,...; 'none' switches it off (default: by model family: Qwen -> qwen25, "
+        "Mixtral -> mistral, Llama -> llama3; others none, and `tools` then get a 400)",
+    )
+    p.add_argument(
+        "--constrained-json-disable-any-whitespace",
+        action="store_true",
+        help="JSON schema / json_object output in compact form, no free whitespace (as SGLang's flag)",
+    )
+    p.add_argument(
+        "--constrained-json-max-whitespace-cnt",
+        type=int,
+        default=None,
+        help="most consecutive whitespace characters in constrained JSON (default: unbounded)",
+    )
 
 
 def add_weight_pool_flags(p: argparse.ArgumentParser) -> None:
@@ -248,6 +272,13 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
 
         paths = ensure_tiny_models(names=DEMO_MODELS)
         specs = [ModelSpec(n, str(paths[n])) for n in DEMO_MODELS]
+    if args.tool_call_parser:  # fail before anything starts
+        from crosspool_sgl.entrypoints.tool_parsers import parse_tool_call_parser_flag
+
+        try:
+            parse_tool_call_parser_flag(args.tool_call_parser, [sp.name for sp in specs])
+        except ValueError as e:
+            parser.error(str(e))
     engine = EngineArgs(
         models=tuple(specs),
         device=args.device,
@@ -264,6 +295,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
         weight_pool=WeightPoolArgs(args.max_resident_bytes, args.keep_alive_s),
         show_progress=False,
         disagg=_disagg_args(args),
+        grammar=GrammarArgs(
+            json_any_whitespace=not args.constrained_json_disable_any_whitespace,
+            json_max_whitespace_cnt=args.constrained_json_max_whitespace_cnt,
+        ),
     )
     return ServerArgs(
         engine,
@@ -274,6 +309,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
         args.startup_timeout,
         args.openai_frontend,
         args.max_pending_requests,
+        tool_call_parser=args.tool_call_parser,
     )
 
 
@@ -491,8 +527,10 @@ def build_app(
     """The FastAPI app over a tokenizer manager wired to the children's sockets."""
     from crosspool_sgl.entrypoints.http_server import create_app
     from crosspool_sgl.entrypoints.metrics import ServerMetrics
+    from crosspool_sgl.entrypoints.tool_parsers import parse_tool_call_parser_flag, resolve_tool_call_parser
     from crosspool_sgl.managers.tokenizer_manager import ModelInfo, MultiModelTokenizerManager
 
+    parser_flags = parse_tool_call_parser_flag(args.tool_call_parser, [s.name for s in args.engine.models])
     models = {
         s.name: ModelInfo(
             s.name,
@@ -500,6 +538,7 @@ def build_app(
             configs[s.name].max_position_embeddings,
             configs[s.name].vocab_size,
             configs[s.name].model_type,
+            resolve_tool_call_parser(s.name, configs[s.name].model_type, parser_flags),
         )
         for s in args.engine.models
     }

@@ -91,3 +91,4 @@ class ServerArgs:
     startup_timeout_s: float = 600.0
     openai_frontend: str = "sglang"  # "sglang": SGLang's OpenAI serving handlers; "own": ours
     max_pending_requests: int = 4096  # in flight across all models; beyond it new requests get 429
+    tool_call_parser: str | None = None  # --tool-call-parser: PARSER or NAME=PARSER,...; None: by family

@@ -9,6 +9,7 @@ matcher (`copy()`).
 
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -86,6 +87,8 @@ class SGLangGrammarCompiler:
         from sglang.srt.constrained.base_grammar_backend import InvalidGrammarObject
 
         backend = self.backend(model)
+        if field == "structural_tag" and self.args.json_max_whitespace_cnt is not None:
+            spec = bound_structural_tag_whitespace(spec, self.args.json_max_whitespace_cnt)
         key = (_KEY_TYPES[field], spec)
         value, cache_hit = backend.get_cached_or_future_value(key, False)
         grammar = value if cache_hit else value.result()
@@ -98,3 +101,34 @@ class SGLangGrammarCompiler:
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def bound_structural_tag_whitespace(spec: str, max_whitespace_cnt: int) -> str:
+    """The JSON inside a structural tag (tool-call arguments) under the same whitespace bound as
+    json_schema: every json_schema format gets `max_whitespace_cnt` unless it sets one. A legacy tag
+    (structures + triggers) is first converted with xgrammar's own converter."""
+    from sglang.srt.constrained.utils import is_legacy_structural_tag
+    from xgrammar import StructuralTag, StructuralTagItem
+
+    try:
+        tag = json.loads(spec)
+    except ValueError:
+        return spec  # the backend reports it
+    if isinstance(tag, dict) and is_legacy_structural_tag(tag):
+        items = [
+            StructuralTagItem(begin=s["begin"], schema=json.dumps(s.get("schema") or {}), end=s["end"])
+            for s in tag["structures"]
+        ]
+        new = StructuralTag.from_legacy_structural_tag(items, tag["triggers"])
+        new.format.at_least_one = bool(tag.get("at_least_one", False))
+        tag = new.model_dump(exclude_none=True)
+    stack = [tag]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("type") == "json_schema" and node.get("max_whitespace_cnt") is None:
+                node["max_whitespace_cnt"] = max_whitespace_cnt
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return json.dumps(tag)

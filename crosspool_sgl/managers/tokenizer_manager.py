@@ -82,6 +82,7 @@ class ModelInfo:
     context_len: int
     vocab_size: int
     architecture: str
+    tool_call_parser: str | None = None  # SGLang's parser for `tools` (entrypoints/tool_parsers.py)
 
 
 @dataclass
