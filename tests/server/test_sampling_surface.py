@@ -1,7 +1,7 @@
 """The sampling surface over HTTP, as a user meets it: the real `openai` client (response_format,
 tool_choice, penalties, logit_bias, min_tokens, n with a seed), native /generate constraints and
 `sgl.gen(regex=...)` in an `sgl.function` with `run_batch`. Random-weight models: a constraint is
-met only when it is enforced. (The engine-side tests are tests/engine/test_sampling_surface.py.)"""
+met only when it is enforced. (The engine-side tests are tests/engine/test_sampling_engine.py.)"""
 
 from __future__ import annotations
 
