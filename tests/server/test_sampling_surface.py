@@ -194,3 +194,12 @@ def test_sgl_gen_regex_in_run_batch(server, model):
     for st in states:
         assert re.fullmatch(r"[A-Z]{3}-[0-9]{3}", st["code"]), st["code"]
         assert st["mood"] in ("happy", "sad")
+
+
+def test_streamed_response_format_validates(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "record", "schema": SCHEMA}}
+    stream = client.chat.completions.create(
+        model="mixtral", messages=MESSAGES, temperature=1.0, max_tokens=160, response_format=fmt, stream=True
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    jsonschema.validate(json.loads(text), SCHEMA)
