@@ -25,11 +25,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from crosspool_sgl.entrypoints.sampling_flags import add_sampling_flags, grammar_args
 from crosspool_sgl.models.config import UnsupportedModelError, load_model_config
 from crosspool_sgl.server_args import (
     DisaggArgs,
     EngineArgs,
-    GrammarArgs,
     KVPoolArgs,
     ModelSpec,
     SchedulerArgs,
@@ -170,28 +170,6 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     add_sampling_flags(p)
 
 
-def add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    """Structured output (SGLang's xgrammar backend) and tool calling (SGLang's parsers)."""
-    p.add_argument(
-        "--tool-call-parser",
-        default=None,
-        help="SGLang tool-call parser for `tools` requests: one for every model (e.g. hermes) or per "
-        "model NAME=PARSER,...; 'none' switches it off (default: by model family: Qwen -> qwen25, "
-        "Mixtral -> mistral, Llama -> llama3; others none, and `tools` then get a 400)",
-    )
-    p.add_argument(
-        "--constrained-json-disable-any-whitespace",
-        action="store_true",
-        help="JSON schema / json_object output in compact form, no free whitespace (as SGLang's flag)",
-    )
-    p.add_argument(
-        "--constrained-json-max-whitespace-cnt",
-        type=int,
-        default=None,
-        help="most consecutive whitespace characters in constrained JSON (default: unbounded)",
-    )
-
-
 def add_weight_pool_flags(p: argparse.ArgumentParser) -> None:
     """Bound of the weights pool and when idle models' experts go to host memory."""
     p.add_argument(
@@ -295,10 +273,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
         weight_pool=WeightPoolArgs(args.max_resident_bytes, args.keep_alive_s),
         show_progress=False,
         disagg=_disagg_args(args),
-        grammar=GrammarArgs(
-            json_any_whitespace=not args.constrained_json_disable_any_whitespace,
-            json_max_whitespace_cnt=args.constrained_json_max_whitespace_cnt,
-        ),
+        grammar=grammar_args(args),
     )
     return ServerArgs(
         engine,
