@@ -18,7 +18,14 @@ from crosspool_sgl.managers.req import Req, ReqOutput
 from crosspool_sgl.managers.runtime import Runtime, build_runtime
 from crosspool_sgl.mem.residency_manager import models_with_requests
 from crosspool_sgl.sampling_params import InvalidRequestError, SamplingParams
-from crosspool_sgl.server_args import EngineArgs, KVPoolArgs, ModelSpec, SchedulerArgs, WeightPoolArgs
+from crosspool_sgl.server_args import (
+    EngineArgs,
+    GrammarArgs,
+    KVPoolArgs,
+    ModelSpec,
+    SchedulerArgs,
+    WeightPoolArgs,
+)
 
 
 class Engine:
@@ -40,6 +47,7 @@ class Engine:
         page_in_bytes_per_step: int | None = 64 << 20,
         show_progress: bool = True,
         prefill_lane: bool | None = None,
+        grammar: GrammarArgs | None = None,
     ) -> None:
         """`models` maps a name to an HF directory, or to a dict of ModelSpec fields
         (path, kv_floor_bytes, kv_ceiling_bytes, ttft_ms, tbt_ms, keep_alive_s)."""
@@ -56,6 +64,7 @@ class Engine:
             ),
             weight_pool=WeightPoolArgs(max_resident_bytes, keep_alive_s, page_in_bytes_per_step),
             show_progress=show_progress,
+            grammar=grammar or GrammarArgs(),
         )
         self.runtime: Runtime = build_runtime(self.args)
         self.scheduler = self.runtime.scheduler

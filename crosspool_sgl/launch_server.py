@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from crosspool_sgl.entrypoints.sampling_flags import add_sampling_flags, grammar_args
 from crosspool_sgl.models.config import UnsupportedModelError, load_model_config
 from crosspool_sgl.server_args import (
     DisaggArgs,
@@ -167,6 +168,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     add_weight_pool_flags(p)
     add_process_flags(p)
     add_disagg_flags(p)
+    add_sampling_flags(p)
 
 
 def add_weight_pool_flags(p: argparse.ArgumentParser) -> None:
@@ -283,6 +285,13 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
 
         paths = ensure_tiny_models(names=DEMO_MODELS)
         specs = [ModelSpec(n, str(paths[n])) for n in DEMO_MODELS]
+    if args.tool_call_parser:  # fail before anything starts
+        from crosspool_sgl.entrypoints.tool_parsers import parse_tool_call_parser_flag
+
+        try:
+            parse_tool_call_parser_flag(args.tool_call_parser, [sp.name for sp in specs])
+        except ValueError as e:
+            parser.error(str(e))
     engine = EngineArgs(
         models=tuple(specs),
         device=args.device,
@@ -306,6 +315,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
         weight_pool=WeightPoolArgs(args.max_resident_bytes, args.keep_alive_s),
         show_progress=False,
         disagg=_disagg_args(args),
+        grammar=grammar_args(args),
     )
     return ServerArgs(
         engine,
@@ -316,6 +326,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
         args.startup_timeout,
         args.openai_frontend,
         args.max_pending_requests,
+        tool_call_parser=args.tool_call_parser,
     )
 
 
@@ -533,8 +544,10 @@ def build_app(
     """The FastAPI app over a tokenizer manager wired to the children's sockets."""
     from crosspool_sgl.entrypoints.http_server import create_app
     from crosspool_sgl.entrypoints.metrics import ServerMetrics
+    from crosspool_sgl.entrypoints.tool_parsers import parse_tool_call_parser_flag, resolve_tool_call_parser
     from crosspool_sgl.managers.tokenizer_manager import ModelInfo, MultiModelTokenizerManager
 
+    parser_flags = parse_tool_call_parser_flag(args.tool_call_parser, [s.name for s in args.engine.models])
     models = {
         s.name: ModelInfo(
             s.name,
@@ -542,6 +555,7 @@ def build_app(
             configs[s.name].max_position_embeddings,
             configs[s.name].vocab_size,
             configs[s.name].model_type,
+            resolve_tool_call_parser(s.name, configs[s.name].model_type, parser_flags),
         )
         for s in args.engine.models
     }

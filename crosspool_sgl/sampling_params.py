@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -23,6 +25,16 @@ class SamplingParams:
     seed: int | None = None
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
+    # ---- penalties, biases, structured output (SGLang's names and ranges; see verify_sampling_surface)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
+    regex: str | None = None
+    json_schema: str | None = None
+    ebnf: str | None = None
+    structural_tag: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> SamplingParams:
@@ -41,6 +53,7 @@ class SamplingParams:
             d["stop"] = [d["stop"]]
         d["stop"] = list(d.get("stop") or [])
         d["stop_token_ids"] = list(d.get("stop_token_ids") or [])
+        normalize_sampling_surface(d)
         params = cls(**d)
         params.verify()
         return params
@@ -67,3 +80,103 @@ class SamplingParams:
             raise bad("stop must be a non-empty string or a list of them")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids must be non-negative integers")
+        verify_sampling_surface(self)
+
+    # ---- structured output --------------------------------------------------------------
+    @property
+    def grammar(self) -> tuple[str, str] | None:
+        """(field, spec) of the one grammar constraint set, or None."""
+        for name in GRAMMAR_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                return name, value
+        return None
+
+    @property
+    def has_penalties(self) -> bool:
+        """True when the request needs its output-token counts (frequency/presence/repetition)."""
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or self.repetition_penalty != 1.0
+
+
+# ---- the sampling surface beyond temperature/top-k/top-p (issue 12) ----------------------
+
+GRAMMAR_FIELDS = ("regex", "json_schema", "ebnf", "structural_tag")
+
+
+def normalize_sampling_surface(d: dict[str, Any]) -> None:
+    """In place: None means SGLang's default; schemas given as objects become JSON text."""
+    for name, default in (
+        ("frequency_penalty", 0.0),
+        ("presence_penalty", 0.0),
+        ("repetition_penalty", 1.0),
+        ("min_new_tokens", 0),
+    ):
+        if name in d and d[name] is None:
+            d[name] = default
+    for name in ("json_schema", "structural_tag"):
+        if isinstance(d.get(name), dict | list):
+            d[name] = json.dumps(d[name])
+    if d.get("logit_bias") == {}:
+        d["logit_bias"] = None
+
+
+def verify_sampling_surface(p: SamplingParams) -> None:
+    """SGLang's ranges (its SamplingParams.verify); every message names the field."""
+
+    def number(name: str, lo: float, hi: float, lo_open: bool = False) -> None:
+        v = getattr(p, name)
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        if not ok or v > hi or v < lo or (lo_open and v == lo):
+            raise InvalidRequestError(
+                f"{name} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {v!r}"
+            )
+
+    number("frequency_penalty", -2.0, 2.0)
+    number("presence_penalty", -2.0, 2.0)
+    number("repetition_penalty", 0.0, 2.0, lo_open=True)
+    if not isinstance(p.min_new_tokens, int) or isinstance(p.min_new_tokens, bool) or p.min_new_tokens < 0:
+        raise InvalidRequestError(f"min_new_tokens must be a non-negative integer, got {p.min_new_tokens!r}")
+    if p.min_new_tokens > p.max_new_tokens:
+        raise InvalidRequestError(
+            f"min_new_tokens must be in [0, max_new_tokens ({p.max_new_tokens})], got {p.min_new_tokens}"
+        )
+    if p.logit_bias is not None:
+        p.logit_bias = _parse_logit_bias(p.logit_bias)
+    set_grammars = [n for n in GRAMMAR_FIELDS if getattr(p, n) is not None]
+    if len(set_grammars) > 1:
+        raise InvalidRequestError(
+            "only one of json_schema, regex, ebnf or structural_tag can be set, "
+            f"got {', '.join(set_grammars)}"
+        )
+    for name in set_grammars:
+        value = getattr(p, name)
+        if not isinstance(value, str) or not value:
+            raise InvalidRequestError(f"{name} must be a non-empty string")
+        if name in ("json_schema", "structural_tag") and value != "$$ANY$$":
+            try:
+                json.loads(value)
+            except ValueError as e:
+                raise InvalidRequestError(f"{name} is not valid JSON: {e}") from e
+
+
+def _parse_logit_bias(bias: Any) -> dict[int, float]:
+    """OpenAI sends string keys; token ids must be non-negative (the model's vocab is checked later)."""
+    if not isinstance(bias, dict):
+        raise InvalidRequestError("logit_bias must be an object mapping token ids to biases")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise InvalidRequestError(f"logit_bias keys must be token ids, got {key!r}") from None
+        if token < 0:
+            raise InvalidRequestError(f"logit_bias keys must be non-negative token ids, got {key!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise InvalidRequestError(f"logit_bias values must be finite numbers, got {value!r}")
+        out[token] = float(value)
+    return out
+
+
+def sample_seed(seed: int | None, index: int) -> int | None:
+    """The seed of the index-th of n choices: distinct and reproducible (seed + index)."""
+    return None if seed is None else seed + index

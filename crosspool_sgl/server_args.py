@@ -64,6 +64,15 @@ class DisaggArgs:
 
 
 @dataclass(frozen=True)
+class GrammarArgs:
+    """Structured output through SGLang's xgrammar backend (SGLang's --constrained-json-* flags)."""
+
+    json_any_whitespace: bool = True  # False: JSON in its compact form only
+    json_max_whitespace_cnt: int | None = None  # most consecutive whitespace characters in JSON
+    compile_workers: int = 2  # threads compiling grammars, off the step loop
+
+
+@dataclass(frozen=True)
 class EngineArgs:
     models: tuple[ModelSpec, ...]
     device: str = "cpu"
@@ -74,6 +83,7 @@ class EngineArgs:
     scheduler: SchedulerArgs = field(default_factory=SchedulerArgs)
     show_progress: bool = True
     disagg: DisaggArgs = field(default_factory=DisaggArgs)
+    grammar: GrammarArgs = field(default_factory=GrammarArgs)
 
 
 @dataclass(frozen=True)
@@ -88,3 +98,4 @@ class ServerArgs:
     startup_timeout_s: float = 600.0
     openai_frontend: str = "sglang"  # "sglang": SGLang's OpenAI serving handlers; "own": ours
     max_pending_requests: int = 4096  # in flight across all models; beyond it new requests get 429
+    tool_call_parser: str | None = None  # --tool-call-parser: PARSER or NAME=PARSER,...; None: by family

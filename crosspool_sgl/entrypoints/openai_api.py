@@ -12,6 +12,7 @@ and /v1/models always.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from sglang.srt.entrypoints.openai import protocol as oai
 
 from crosspool_sgl.entrypoints.http_server import read_json, sse
 from crosspool_sgl.managers.tokenizer_manager import GenerateInput, MultiModelTokenizerManager, RequestError
+from crosspool_sgl.sampling_params import sample_seed
 
 _DEFAULT_MAX_TOKENS = 128
 
@@ -50,7 +52,29 @@ def sampling_params(req: Any, max_tokens: int | None) -> dict[str, Any]:
         "seed": req.seed,
         "skip_special_tokens": req.skip_special_tokens,
         "no_stop_trim": bool(req.no_stop_trim),
+        **_sampling_surface(req),
     }
+
+
+def _sampling_surface(req: Any) -> dict[str, Any]:
+    """Penalties, logit_bias, min_tokens and constraints, named as SGLang's sampling params;
+    `response_format` as SGLang's handlers translate it. Tools need SGLang's handlers (400 here)."""
+    if getattr(req, "tools", None) and getattr(req, "tool_choice", None) != "none":
+        raise RequestError("`tools` need SGLang's handlers (--openai-frontend sglang)", param="tools")
+    out: dict[str, Any] = {}
+    names = {"min_tokens": "min_new_tokens"}
+    for k in ("frequency_penalty", "presence_penalty", "repetition_penalty", "min_tokens", "logit_bias"):
+        if getattr(req, k, None) is not None:
+            out[names.get(k, k)] = getattr(req, k)
+    for k in ("regex", "ebnf", "json_schema"):
+        if getattr(req, k, None) is not None:
+            out[k] = getattr(req, k)
+    fmt = getattr(req, "response_format", None)
+    if fmt is not None and fmt.type == "json_object":
+        out["json_schema"] = '{"type": "object"}'
+    elif fmt is not None and fmt.type == "json_schema":
+        out["json_schema"] = json.dumps(fmt.json_schema.schema_)
+    return out
 
 
 def finish_reason(meta: dict[str, Any]) -> tuple[str | None, Any]:
@@ -162,14 +186,14 @@ async def handle_completions(tm: MultiModelTokenizerManager, request: Request) -
     objs = [
         GenerateInput(
             model=model,
-            sampling_params=dict(params),
+            sampling_params={**params, "seed": sample_seed(params["seed"], j)},
             return_logprob=want_lp,
             top_logprobs_num=req.logprobs or 0,
             return_text_in_logprobs=True,
             **p,
         )
         for p in completion_prompts(req.prompt)
-        for _ in range(req.n)
+        for j in range(req.n)
     ]
     choices = Choices(tm, objs)
     rid = f"cmpl-{uuid.uuid4().hex}"
@@ -207,12 +231,12 @@ async def handle_chat_completions(tm: MultiModelTokenizerManager, request: Reque
         GenerateInput(
             model=model,
             input_ids=ids,
-            sampling_params=dict(params),
+            sampling_params={**params, "seed": sample_seed(params["seed"], j)},
             return_logprob=want_lp,
             top_logprobs_num=(req.top_logprobs or 0) if want_lp else 0,
             return_text_in_logprobs=True,
         )
-        for _ in range(req.n or 1)
+        for j in range(req.n or 1)
     ]
     choices = Choices(tm, objs)
     rid = f"chatcmpl-{uuid.uuid4().hex}"

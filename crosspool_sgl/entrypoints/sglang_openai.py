@@ -32,12 +32,14 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 from starlette.background import BackgroundTasks
 
+from crosspool_sgl.entrypoints.tool_parsers import tools_error
 from crosspool_sgl.managers.tokenizer_manager import (
     GenerateInput,
     ModelInfo,
     MultiModelTokenizerManager,
     RequestError,
 )
+from crosspool_sgl.sampling_params import sample_seed
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +70,15 @@ def publish_frontend_config(models: dict[str, ModelInfo]) -> Any:
     return server_args
 
 
-def _sampling_params(params: dict[str, Any] | None) -> dict[str, Any]:
+def _sampling_params(params: dict[str, Any] | None, index: int = 0) -> dict[str, Any]:
+    """SGLang's sampling dict for the index-th of n samples (its seed offset by the index)."""
     out = {}
     for k, v in (params or {}).items():
         if v is None or k in _DROPPED:
             continue
         out[_RENAMED.get(k, k)] = v
+    if out.get("seed") is not None:
+        out["seed"] = sample_seed(out["seed"], index)
     return out
 
 
@@ -99,7 +104,9 @@ class ModelFrontend:
         self.tokenizer = tm.tokenizers[name]
         self.model_path = info.path
         self.served_model_name = name
-        self.server_args = ServerArgs(model_path=info.path, device="cpu", served_model_name=name)
+        self.server_args = ServerArgs(
+            model_path=info.path, device="cpu", served_model_name=name, tool_call_parser=info.tool_call_parser
+        )
         # Per-model config under a model-owned context (SGLang's API for embedded per-model work);
         # synchronous, so no coroutine can observe the swapped context.
         context = runtime_context.create_context(self.server_args, role="tokenizer")
@@ -135,7 +142,7 @@ class ModelFrontend:
                         model=self.name,
                         text=one.text,
                         input_ids=one.input_ids,
-                        sampling_params=_sampling_params(one.sampling_params),
+                        sampling_params=_sampling_params(one.sampling_params, j),
                         return_logprob=bool(one.return_logprob),
                         logprob_start_len=-1 if one.logprob_start_len is None else one.logprob_start_len,
                         top_logprobs_num=one.top_logprobs_num or 0,
@@ -241,6 +248,14 @@ def build_sglang_openai_router(tm: MultiModelTokenizerManager) -> APIRouter:
         req = validate(model_cls, await read_json(request))
         model = tm.resolve_model(req.model)
         req.model = model
+        refused = tools_error(
+            model,
+            getattr(req, "tools", None),
+            getattr(req, "tool_choice", None),
+            tm.models[model].tool_call_parser,
+        )
+        if refused:
+            raise RequestError(refused, param="tools")
         return model_json_response(await table[model].handle_request(req, request))
 
     @router.post("/v1/completions")

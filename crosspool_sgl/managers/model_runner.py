@@ -15,6 +15,7 @@ import torch
 from crosspool_sgl.layers.attention.base import AttentionMetadata
 from crosspool_sgl.layers.sampler import SamplingRow, sample, token_logprobs
 from crosspool_sgl.managers.req import Req
+from crosspool_sgl.managers.sampling_batch import SamplingState, process_logits
 from crosspool_sgl.mem.kv_pool import KVPool
 from crosspool_sgl.mem.residency_manager import ResidencyManager
 from crosspool_sgl.models.decoder import DecoderModel
@@ -63,6 +64,11 @@ class ModelRunner:
         self.kv_pool = kv_pool
         self.device = device
         self.residency = residency
+        self.sampling_state = SamplingState(device)
+
+    def release_sampling(self, req: Req) -> None:
+        """A finished request's sampling state (its output-token counts) is dropped."""
+        self.sampling_state.release(req)
 
     def run(self, items: list[tuple[Req, int]]) -> dict[str, StepResult]:
         by_model: dict[str, list[tuple[Req, int]]] = {}
@@ -100,7 +106,9 @@ class ModelRunner:
             SamplingRow(r.params.temperature, r.params.top_p, r.params.top_k, r.params.min_p, r.generator)
             for r in sample_reqs
         ]
-        next_ids = sample(logits, rows)
+        processed, step = process_logits(logits, sample_reqs, model.config.eos_token_ids, self.sampling_state)
+        next_ids = sample(processed, rows)
+        step.after_sample(sample_reqs, next_ids)
         want = [r.return_logprob for r in sample_reqs]
         top_n = max((r.top_logprobs_num for r in sample_reqs), default=0)
         lps, tops = token_logprobs(logits, next_ids, top_n) if any(want) else (None, None)

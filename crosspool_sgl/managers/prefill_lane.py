@@ -10,7 +10,9 @@ kernels, so the two overlap wherever the work is in kernels rather than Python.
 Safety: the lane's request is invisible to the policy while its chunk runs (not decoded, not
 retracted); its pages were allocated before the chunk started and are released only after it
 ends, even if the request is aborted meanwhile. Both lanes write KV of disjoint pages and read
-shared weights. Only backends without per-step state (`AttentionBackend.thread_safe`) use it.
+shared weights. A lane chunk never reaches the prompt's last token, so nothing is sampled there
+(per-model penalty tables and grammar matchers are touched by the step thread only). Only
+backends without per-step state (`AttentionBackend.thread_safe`) use it.
 """
 
 from __future__ import annotations

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
 
+from crosspool_sgl.layers.grammar import GrammarMatcher
 from crosspool_sgl.sampling_params import SamplingParams
 
 
@@ -48,6 +50,11 @@ class Req:
     # timings
     first_token_time: float | None = None
     finished_time: float | None = None
+
+    # structured output: compiling (future) until the scheduler attaches the matcher
+    grammar_future: Future | None = None
+    grammar: GrammarMatcher | None = None
+    grammar_accepted: int = 0  # output tokens the matcher has accepted (see sampling_batch.sync_grammar)
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:

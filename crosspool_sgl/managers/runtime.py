@@ -121,6 +121,7 @@ def build_runtime(args: EngineArgs) -> Runtime:
         prefix_cache=PrefixCache(kv_pool, enabled=args.kv_pool.prefix_cache),
         prefill_lane=_build_prefill_lane(args, runner, attn, device) if ffn_side is None else None,
     )
+    scheduler.grammar_compiler = _build_grammar_compiler(args, tokenizers, configs)
     logger.info(
         "runtime ready: %d models, weights pool %.1f MiB, KV pool %.1f MiB (%d chunks of %d KiB), "
         "attention=%s, prefill lane %s",
@@ -186,6 +187,18 @@ def _build_prefill_lane(
     if wanted is False or not possible or (wanted is None and usable_cores() < 2):
         return None
     return PrefillLane(runner.run, num_threads=1)
+
+
+def _build_grammar_compiler(args: EngineArgs, tokenizers: dict, configs: dict[str, ModelConfig]):
+    """SGLang's xgrammar backend, one per model (its tokenizer, its logits width, its EOS ids)."""
+    from crosspool_sgl.constrained.xgrammar_compiler import SGLangGrammarCompiler
+
+    return SGLangGrammarCompiler(
+        tokenizers,
+        {n: c.vocab_size for n, c in configs.items()},
+        {n: c.eos_token_ids for n, c in configs.items()},
+        args.grammar,
+    )
 
 
 def _build_residency(args: EngineArgs, pool: WeightPool) -> ResidencyManager:

@@ -177,7 +177,8 @@ class SchedulePolicy:
             to_lane = lane_free and self._wants_lane(req, step)
             if to_lane:  # a long prefill: a chunk of a whole step's worth, beside the decodes
                 n = self.cost.max_tokens(req.model, req.num_cached, self.args.prefill_step_budget_ms, False)
-                n = min(req.num_uncached, max(n, self.args.page_tokens))
+                # never the prompt's last token: sampling (penalty tables, grammars) stays on the step
+                n = min(req.num_uncached - 1, max(n, self.args.page_tokens))
             else:  # a prefill under way leaves half of what is left to those queued behind it
                 n = step.chunk_for(req, 0.5 if not is_new and i + 1 < len(candidates) else 1.0)
             if n == 0:
@@ -206,7 +207,7 @@ class SchedulePolicy:
 
     def _wants_lane(self, req: Req, step: _StepFill) -> bool:
         """A prefill whose rest costs more than this step can still give it runs in the lane."""
-        if self.cost is None or req.num_uncached <= 1:
+        if self.cost is None or req.num_uncached <= self.args.page_tokens:
             return False
         rest_ms = self.cost.extra_ms(req.model, req.num_uncached, req.num_cached, True)
         return rest_ms > max(step.ms_left, 0.0)

@@ -18,7 +18,10 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED
+from concurrent.futures import wait as wait_futures
 
+from crosspool_sgl.layers.grammar import GrammarCompiler, InvalidGrammarError
 from crosspool_sgl.managers.model_runner import ModelRunner, StepResult
 from crosspool_sgl.managers.prefill_lane import PrefillLane
 from crosspool_sgl.managers.req import Req, ReqOutput, ReqState
@@ -31,6 +34,7 @@ from crosspool_sgl.sampling_params import InvalidRequestError
 logger = logging.getLogger(__name__)
 
 Detokenize = Callable[[list[int]], str]
+_GRAMMAR_IDLE_WAIT_S = 0.005  # with nothing to run, wait this long for a compiling grammar
 
 
 class IntervalStats:
@@ -85,6 +89,8 @@ class IntervalStats:
 
 
 class MultiModelScheduler:
+    grammar_compiler: GrammarCompiler | None = None  # set by runtime.py; None: constraints are refused
+
     def __init__(
         self,
         runner: ModelRunner,
@@ -139,9 +145,11 @@ class MultiModelScheduler:
         vocab = self.runner.models[req.model].config.vocab_size
         if any(t < 0 or t >= vocab for t in req.input_ids):
             raise InvalidRequestError(f"input_ids must be in [0, {vocab}) for model {req.model!r}")
+        self._verify_sampling(req, vocab)
         if req.return_logprob and req.logprob_start_len == 0:
             req.input_logprobs.append((None, req.input_ids[0]))
             req.input_top_logprobs.append(None)
+        self._start_grammar(req)
         self.waiting.append(req)
 
     def abort(self, rid: str) -> bool:
@@ -168,7 +176,7 @@ class MultiModelScheduler:
         self._collect_lane(wait_s=0.0)
         self._match_prefixes()
         self._observe_demand(now)
-        waiting = self._admissible()
+        waiting = self._grammar_ready(self._admissible())
         running = [r for r in self.running if self.lane is None or not self.lane.holds(r)]
         lane_free = self.lane is not None and not self.lane.busy
         plan = self.policy.next_batch(waiting, running, page_budget(self.kv_pool), now, lane_free)
@@ -379,6 +387,8 @@ class MultiModelScheduler:
     def _check_finished(self, req: Req) -> dict | None:
         token = req.output_ids[-1]
         p = req.params
+        if req.grammar is not None and req.grammar.is_terminated():
+            return {"type": "stop", "matched": token}  # the constraint is complete (ignore_eos or not)
         if not p.ignore_eos and token in self.eos_ids[req.model]:
             return {"type": "stop", "matched": token}
         if token in p.stop_token_ids:
@@ -402,6 +412,7 @@ class MultiModelScheduler:
         if req in self.waiting:
             self.waiting.remove(req)
         self._release_pages(req)
+        self._release_sampling(req)
         if not already_emitted:
             self._emit(req, 1 if req.output_ids and reason["type"] != "abort" else 0)
 
@@ -426,7 +437,7 @@ class MultiModelScheduler:
 
     def _reject_unservable(self) -> None:
         """Nothing can run: a head-of-line request that can't fit in an empty pool never will."""
-        if self.running or not self.waiting:
+        if self.running or not self.waiting or self._grammars_pending():
             return
         self._unpin_waiting()
         self.prefix_cache.flush()
@@ -442,6 +453,59 @@ class MultiModelScheduler:
                 "status_code": 400,
             },
         )
+
+    # ---- sampling surface: grammars, per-request sampling state (issue 12) -----------------
+    def _verify_sampling(self, req: Req, vocab: int) -> None:
+        """Checks that need the model: logit_bias token ids, a grammar without a backend."""
+        bias = req.params.logit_bias or {}
+        if any(t >= vocab for t in bias):
+            raise InvalidRequestError(f"logit_bias keys must be in [0, {vocab - 1}] for model {req.model!r}")
+        if req.params.grammar is not None and self.grammar_compiler is None:
+            raise InvalidRequestError(f"{req.params.grammar[0]} is not supported: no grammar backend")
+
+    def _start_grammar(self, req: Req) -> None:
+        """Compile the request's constraint off the step loop (the compiler's thread pool, cached)."""
+        if req.params.grammar is not None and req.grammar is None:
+            req.grammar_future = self.grammar_compiler.compile(req.model, *req.params.grammar)
+
+    def _grammar_ready(self, waiting: list[Req]) -> list[Req]:
+        """Waiting requests minus those whose grammar still compiles; attach compiled ones, and
+        finish a request whose grammar failed with a 400 naming its field."""
+        pending = [r.grammar_future for r in waiting if r.grammar_future is not None]
+        if pending and not self.running and len(pending) == len(waiting):
+            wait_futures(pending, timeout=_GRAMMAR_IDLE_WAIT_S, return_when=FIRST_COMPLETED)  # idle: no spin
+        ready = []
+        for req in waiting:
+            fut = req.grammar_future
+            if fut is not None:
+                if not fut.done():
+                    continue
+                req.grammar_future = None
+                try:
+                    req.grammar, req.grammar_accepted = fut.result(), 0
+                except InvalidGrammarError as e:
+                    self._finish(
+                        req, {"type": "abort", "message": str(e), "status_code": 400, "param": e.field}
+                    )
+                    continue
+                except Exception as e:  # a backend failure is the server's, not the request's
+                    logger.exception("grammar compilation failed for %s", req.rid)
+                    self._finish(
+                        req, {"type": "abort", "message": f"grammar backend error: {e}", "status_code": 500}
+                    )
+                    continue
+            ready.append(req)
+        return ready
+
+    def _grammars_pending(self) -> bool:
+        return any(r.grammar_future is not None for r in self.waiting)
+
+    def _release_sampling(self, req: Req) -> None:
+        release = getattr(self.runner, "release_sampling", None)
+        if release is not None:
+            release(req)
+        if req.grammar_future is not None:
+            req.grammar_future.cancel()
 
     def _emit(self, req: Req, num_new: int) -> None:
         new = req.output_ids[len(req.output_ids) - num_new :] if num_new else []

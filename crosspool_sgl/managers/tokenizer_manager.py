@@ -82,6 +82,7 @@ class ModelInfo:
     context_len: int
     vocab_size: int
     architecture: str
+    tool_call_parser: str | None = None  # SGLang's parser for `tools` (entrypoints/tool_parsers.py)
 
 
 @dataclass
@@ -357,7 +358,9 @@ class MultiModelTokenizerManager:
             reason = out.finish_reason or {}
             self.metrics.on_finish(model, reason, out.prompt_tokens, out.completion_tokens)
             if reason.get("status_code"):
-                raise RequestError(reason.get("message", "bad request"), reason["status_code"])
+                raise RequestError(
+                    reason.get("message", "bad request"), reason["status_code"], param=reason.get("param")
+                )
 
     def result(self, state: ReqState) -> dict[str, Any]:
         meta = dict(state.meta)

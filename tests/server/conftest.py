@@ -68,6 +68,12 @@ def server(model_paths: dict[str, str], tmp_path_factory: pytest.TempPathFactory
         "64M",
         "--log-level",
         "warning",
+        # random-weight models would fill free JSON whitespace forever; llama: the model without a
+        # tool-call parser (test_sampling_surface.py)
+        "--constrained-json-max-whitespace-cnt",
+        "2",
+        "--tool-call-parser",
+        "llama=none",
     ]
     for name, path in model_paths.items():
         cmd += ["--model", f"{name}={path}"]
