@@ -213,8 +213,8 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
         "--max-request-share",
         type=float,
         default=d.max_request_share,
-        help="share of the KV pool one request may need while other requests queue; a larger one waits "
-        "until it is overdue (TTFT target + its weighted prefill time) (default: %(default)s)",
+        help="a request needing more than this share of the KV pool is admitted after every other queued "
+        "request until it is overdue (TTFT target + its weighted prefill time) (default: %(default)s)",
     )
     p.add_argument(
         "--working-set-window",

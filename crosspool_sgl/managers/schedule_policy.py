@@ -18,8 +18,8 @@ Order of business each step:
    A request that does not fit does not block the queue — except once it is *overdue*
    (past its deadline): then it may take other models' working sets, and no later request
    is admitted until it fits (a reservation, as in backfilling schedulers), so it is never
-   starved. One request needing more than `max_request_share` of the pool waits while
-   other requests are queued, until it is overdue.
+   starved. One request needing more than `max_request_share` of the pool comes after
+   every other queued request (until it is overdue): they take their memory first.
 
 4. Prefill lane (when the scheduler has one free): the highest-priority prefill whose rest
    costs more than the step can give it gets a chunk of `prefill_step_budget_ms` that runs
@@ -58,7 +58,7 @@ class PolicyArgs:
     decode_step_slowdown: float = 2.0
     min_decode_step_ms: float = 4.0  # budget floor: below it a step can't carry a useful chunk
     prefill_step_budget_ms: float = 50.0  # a step without decodes (bounds new arrivals' wait)
-    # One request may hold at most this share of its model's view of the pool while others queue.
+    # A request needing more than this share of the pool goes after the others queued (until overdue).
     max_request_share: float = 0.5
 
 
@@ -164,6 +164,8 @@ class SchedulePolicy:
         room = all([headroom.try_take(r.model, self.future_pages(r, 0)) for r in keep])
         candidates = [r for r in keep if r.num_uncached > 1] + waiting
         candidates.sort(key=self.admission_key)
+        if len(waiting) > 1:  # one huge prompt goes after everyone else queued (until it is overdue)
+            candidates.sort(key=lambda r: r.state is ReqState.WAITING and self.oversized(r, now))
         num_running, admitting, num_prefills = len(keep), True, 0
         for i, req in enumerate(candidates):
             if step.exhausted and num_prefills and not lane_free:
@@ -172,8 +174,6 @@ class SchedulePolicy:
             overdue = now >= self.admission_key(req)
             if is_new and (not admitting or num_running >= self.args.max_running_requests):
                 continue
-            if is_new and not overdue and len(waiting) > 1 and self.oversized(req):
-                continue  # waits while others are queued, until it is overdue
             to_lane = lane_free and self._wants_lane(req, step)
             if to_lane:  # a long prefill: a chunk of a whole step's worth, beside the decodes
                 n = self.cost.max_tokens(req.model, req.num_cached, self.args.prefill_step_budget_ms, False)
@@ -220,9 +220,10 @@ class SchedulePolicy:
             plan.blocked, plan.blocked_overdue = (req, pages), overdue
         return not overdue
 
-    def oversized(self, req: Req) -> bool:
+    def oversized(self, req: Req, now: float | None = None) -> bool:
+        """Needs more than `max_request_share` of the pool (and, given `now`, is not yet overdue)."""
         total = self.pool_pages.get(req.model)
-        if not total:
+        if not total or (now is not None and now >= self.admission_key(req)):
             return False
         return pages_for(req, req.num_uncached, self.args.page_tokens) > self.args.max_request_share * total
 

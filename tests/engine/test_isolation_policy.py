@@ -260,3 +260,14 @@ def test_deadline_ages_a_long_prompt_in_bounded_time():
     assert short < long  # the short prompt that came 10 s later goes first...
     assert long < p.admission_deadline("m", arrival_time=25.0)  # ...but not every later arrival does
     assert absurd <= 1.0 + 30.0  # a wild estimate can't postpone aging without bound
+
+
+def test_a_request_over_its_pool_share_goes_after_the_others_queued():
+    p = planner("m")
+    policy = make_policy(p, chunked_prefill_size=8192)
+    big = make_req("big", "m", 8000, 8, t=0.0)  # 500 of 800 pages: over the 0.5 share
+    small = make_req("small", "m", 300, 8, t=0.5)
+    plan = policy.next_batch([big, small], [], FakePool(p, ("m",)).budget(), now=0.6)
+    assert [r.rid for r, _ in plan.items][:1] == ["small"]
+    overdue = policy.next_batch([big, small], [], FakePool(p, ("m",)).budget(), now=60.0)
+    assert [r.rid for r, _ in overdue.items][:1] == ["big"]  # aged: it keeps its place
