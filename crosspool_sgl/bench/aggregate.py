@@ -98,7 +98,9 @@ def gain_check(variant: dict[str, Any], key: str, gain: float, label: str) -> di
     per_seed = {
         s: "/".join(_fmt(median_ratio(variant, g, key, seed=s)) for g in groups) for s in seeds_of(variant)
     }
-    passed = None if None in got.values() else all(v >= gain for v in got.values())
+    # No runs on a side: nothing to judge. Runs but no latency (nothing completed): a failure.
+    ran = bool(ok_runs(variant, REFERENCE)) and bool(ok_runs(variant, OURS))
+    passed = all(v is not None and v >= gain for v in got.values()) if ran else None
     detail = ", ".join(f"{g} {_fmt(v)}" for g, v in got.items())
     detail += "; per seed " + ", ".join(f"{s}: {v}" for s, v in per_seed.items()) if per_seed else ""
     return _verdict(f"{label} stock/{OURS} >= {gain:g}, overall and warm model ({warm})", passed, detail)
@@ -110,14 +112,18 @@ def no_repeat_worse(variant: dict[str, Any], label: str) -> dict[str, str]:
     groups = ["overall", *([warm] if warm else [])]
     worse, compared = [], 0
     for ref, ours in pairs(variant):
+        where = f"seed {ours['seed']} repeat {ours['repeat']}"
+        done = (ref["summary"]["overall"]["completed"], ours["summary"]["overall"]["completed"])
+        if done[1] < done[0]:  # percentiles over fewer survivors would flatter the side that dropped more
+            worse.append(f"{where}: completed {done[1]} < {done[0]}")
         for g in groups:
             for key in ("ttft_p99_ms", "tbt_p99_ms"):
                 a, b = values([ref], g, key)[0], values([ours], g, key)[0]
-                if a is None or b is None:
+                if a is None:
                     continue
                 compared += 1
-                if b > a:
-                    worse.append(f"seed {ours['seed']} repeat {ours['repeat']} {g} {key}: {b:.1f} > {a:.1f}")
+                if b is None or b > a:
+                    worse.append(f"{where} {g} {key}: {_fmt(b)} > {a:.1f}")
     passed = None if not compared else not worse
     detail = f"{compared} comparisons" + (": " + "; ".join(worse[:6]) if worse else ", none worse")
     return _verdict(
@@ -154,7 +160,8 @@ def slack_check(variant: dict[str, Any], key: str, label: str) -> dict[str, str]
     """Ours' ordinary-request median P99 at most LONGCTX_SLACK x stock's."""
     r = median_ratio(variant, "overall", key, view="summary_normal")
     factor = None if r is None else 1.0 / r  # ours / stock
-    passed = None if factor is None else factor <= LONGCTX_SLACK
+    ran = bool(ok_runs(variant, REFERENCE)) and bool(ok_runs(variant, OURS))
+    passed = (factor is not None and factor <= LONGCTX_SLACK) if ran else None
     return _verdict(
         f"{label} ordinary requests' {key} {OURS} <= {LONGCTX_SLACK:g}x stock",
         passed,

@@ -1,7 +1,7 @@
 """Multi-model bursty trace replay: stock SGLang (one server per model) vs crosspool, interleaved repeats.
 
     python -m crosspool_sgl.bench.multi_model            # reference run (< 30 min on 2 cores)
-    python -m crosspool_sgl.bench.multi_model --quick    # smoke test (< 5 min)
+    python -m crosspool_sgl.bench.multi_model --quick    # smoke test (bursty only, < 5 min)
 
 For each variant (the bursty default trace, and a long-context one) every setup is started once and
 stays up; then each trace seed is replayed `--repeats` times against every setup, interleaved
@@ -73,18 +73,19 @@ def bursty_variant(quick: bool) -> Variant:
     )
     trace = TraceConfig(models=models, duration_s=8.0 if quick else 40.0, total_rate=2.5, long_bursts=long)
     title = "bursty multi-model trace (4k-context models)"
-    return Variant("bursty", title, models, 4096, budget, trace, drain_s=10.0 if quick else 30.0)
+    return Variant("bursty", title, models, 4096, budget, trace, drain_s=10.0 if quick else 20.0)
 
 
 def longctx_variant(quick: bool) -> Variant:
     """16k-context models, bursts of 5k-12k-token prompts; each static share is < 5k tokens of them."""
     models = MODELS[:2] if quick else MODELS
-    # 5 MiB per model: 3,413 qwen3_moe / 5,120 olmoe tokens static; 13,653 qwen3_moe tokens shared.
-    budget = len(models) * 5 * 2**20
+    # 20 MiB in all: 13,653 qwen3_moe tokens shared. Static shares: 5 MiB per model (3,413 qwen3_moe /
+    # 5,120 olmoe tokens) in the full run, 10 MiB (6,826 qwen3_moe tokens) with --quick's two models.
+    budget = 20 * 2**20
     long = LongBursts(
         count=1 if quick else 3,
         size=2,
-        prompt_lo=5000,
+        prompt_lo=7500 if quick else 5000,
         prompt_hi=12000,
         output_len=32,
         spread_s=4.0,
@@ -101,7 +102,7 @@ def longctx_variant(quick: bool) -> Variant:
     )
     title = "long-context variant (16k-context models, 5k-12k-token prompt bursts)"
     return Variant(
-        "longctx", title, models, 16384, budget, trace, drain_s=30.0 if quick else 60.0, seed_offset=1
+        "longctx", title, models, 16384, budget, trace, drain_s=30.0 if quick else 40.0, seed_offset=1
     )
 
 
@@ -227,8 +228,10 @@ def build_notes(report: dict[str, Any]) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="2 models, short traces, 1 seed, 2 repeats (< 5 min)")
-    p.add_argument("--variants", default="bursty,longctx", help="comma-separated of bursty, longctx")
+    p.add_argument(
+        "--quick", action="store_true", help="2 models, bursty only, short traces, 1 seed, 2 repeats"
+    )
+    p.add_argument("--variants", help="comma-separated of bursty, longctx (default both; --quick: bursty)")
     p.add_argument(
         "--setups", default=",".join(DEFAULT_SETUPS), help=f"comma-separated of {', '.join(SETUPS)}"
     )
@@ -248,7 +251,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.setups) - set(SETUPS)
     if unknown:
         p.error(f"unknown setups {sorted(unknown)}")
-    args.variants = [v for v in args.variants.split(",") if v]
+    args.variants = [
+        v for v in (args.variants or ("bursty" if args.quick else "bursty,longctx")).split(",") if v
+    ]
     if set(args.variants) - {"bursty", "longctx"}:
         p.error(f"unknown variants {args.variants}")
     args.seeds = [int(x) for x in (args.seeds or ("0" if args.quick else "0,1")).split(",") if x]

@@ -118,7 +118,7 @@ def p99_rows(variant: dict[str, Any], view: str = "summary", seed: int | None = 
     groups = ["overall", *([warm] if warm in models else []), *[m for m in models if m != warm]]
     head = " | ".join(f"{s} TTFT P99 | {s} TBT P99" for s in setups)
     rows = [
-        f"| group | done/total per run | {head} | TTFT ratio | TBT ratio |",
+        f"| group | {agg.OURS} done/total per run | {head} | TTFT ratio | TBT ratio |",
         "|---|---:|" + "---:|" * (2 * len(setups) + 2),
     ]
     for g in groups:

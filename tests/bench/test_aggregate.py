@@ -82,6 +82,19 @@ def test_unserved_request_and_leaked_pages_fail() -> None:
     assert agg.pages_released(report)["status"] == agg.FAIL
 
 
+def test_nothing_completed_fails() -> None:
+    v = fr.variant(3.5, 1.0)
+    for r in v["runs"]:
+        if r["setup"] == "crosspool-shared":  # every request timed out: no latency at all
+            r["summary"] = {
+                g: {**o, "completed": 0, "timeout": o["requests"], "ttft_p99_ms": None, "tbt_p99_ms": None}
+                for g, o in r["summary"].items()
+            }
+    assert agg.gain_check(v, "tbt_p99_ms", 2.0, "x")["status"] == agg.FAIL
+    check = agg.no_repeat_worse(v, "x")
+    assert check["status"] == agg.FAIL and "completed 0 < 24" in check["detail"]
+
+
 def test_missing_side_is_not_a_pass() -> None:
     v = fr.variant(3.5, 1.0)
     v["runs"] = [r for r in v["runs"] if r["setup"] == "stock"]
