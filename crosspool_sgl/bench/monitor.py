@@ -44,6 +44,22 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def tree_threads(pid: int) -> int:
+    """OS threads of a process and its live descendants (0 once it is gone)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += p.num_threads()
+    return total
+
+
 def core_times() -> list[tuple[float, float]]:
     """(busy seconds, total seconds) of every core since boot."""
     import psutil

@@ -146,6 +146,7 @@ def run_variant(variant: Variant, args: argparse.Namespace, work_dir: Path) -> t
             print(f"[{name}] idle: {cores:.3f} cores over {args.idle_sample_s:.0f} s", flush=True)
         for name, setup in running.items():
             deployments[name]["kv_total_bytes"] = setup.kv_total_bytes()
+            deployments[name]["threads"] = setup.num_threads()
         order = replay_order(args.setups, args.repeats, args.seeds)
         runs, raws = run_interleaved(running, traces, plan, order, variant.key)
     finally:
@@ -216,9 +217,9 @@ def build_notes(report: dict[str, Any]) -> list[str]:
             "both sides."
         )
     notes += [
-        "Threads: each stock server runs with OMP_NUM_THREADS=1 (one core per model server, its fair CPU "
-        "setting); crosspool gets no thread flag and no OMP_NUM_THREADS, so its own default chooses how many "
-        "threads it runs; the cores each side actually used are in the machine tables.",
+        "Threads: every process runs with OMP_NUM_THREADS=1 (stock: one core per model server, its fair "
+        "CPU setting); crosspool gets no --num-threads, so its own default chooses its torch threads; the "
+        "OS threads of each process tree and the cores each side used are in the machine tables.",
         "Stock SGLang 0.5.23 ignores Mixtral's `sliding_window` (48 in the tiny model): its Mixtral "
         "attends to the whole context, which costs it a little more attention work.",
         utilisation_note(report),

@@ -155,9 +155,9 @@ def machine_rows(variant: dict[str, Any]) -> list[str]:
     """CPU of each side during its own replays, of the idle others meanwhile, and of each core."""
     setups = setups_of(variant)
     rows = [
-        "| setup | idle cores (before runs) | cores used by it in its replays | cores used by the idle "
-        "others meanwhile | client cores | per-core busy % (machine) | load avg before → after |",
-        "|---|---:|---:|---:|---:|---|---|",
+        "| setup | OS threads | idle cores (before runs) | cores used by it in its replays | cores used by "
+        "the idle others meanwhile | client cores | per-core busy % (machine) | load avg before → after |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for name in setups:
         runs = agg.ok_runs(variant, name)
@@ -170,7 +170,8 @@ def machine_rows(variant: dict[str, Any]) -> list[str]:
         before = agg.spread(r["loadavg_1m"][0] for r in runs)
         after = agg.spread(r["loadavg_1m"][1] for r in runs)
         rows.append(
-            f"| {name} | {_f(dep.get('idle_cores'), '.3f')} | {_s(own, '.2f')} | {_s(others, '.3f')} | "
+            f"| {name} | {dep.get('threads', '—')} | {_f(dep.get('idle_cores'), '.3f')} | "
+            f"{_s(own, '.2f')} | {_s(others, '.3f')} | "
             f"{_s(client, '.2f')} | {per_core or '—'} | {_s(before)} → {_s(after)} |"
         )
     return rows

@@ -126,6 +126,7 @@ def replay_once(
         "percore_busy": [round(x, 3) for x in busy_fractions(cores0, cores1)],
         "percore_peak_pct": sampler.samples.peak_percore_pct(),
         "peak_rss_bytes": sampler.samples.peak_rss,
+        "threads": setup.num_threads(),
         "request_pages_after": pages,
         "request_pages_wait_s": round(waited, 2),
         "summary": summarize_by_model(records, wall),

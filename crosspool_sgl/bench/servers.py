@@ -1,15 +1,16 @@
 """Start the compared deployments on loopback, probe them, and stop them without leaving orphans.
 
-Setups (same models, same total KV bytes, idle servers use no CPU):
+Setups (same models, same total KV bytes, idle servers use no CPU, `OMP_NUM_THREADS=1` everywhere):
 - `stock`: one stock `sglang.launch_server` per model, each with an equal byte share of the KV
-  budget as `--max-total-tokens`, `--sleep-on-idle`, one torch thread (`OMP_NUM_THREADS=1`): its fair
-  settings on CPU, one core per model server;
+  budget as `--max-total-tokens`, `--sleep-on-idle`, one torch thread: its fair settings on CPU, one
+  core per model server;
 - `crosspool-static`: our server with `--kv-partition static` (per-model partitions, same total);
 - `crosspool-shared`: our server, one shared KV pool (colocated attention and FFN);
 - `crosspool-disagg`: our server with `--ffn-workers 1` (attention and FFN in separate processes).
 A crosspool setup whose flag the server does not have yet is reported as unavailable, not faked.
-Our server gets no thread settings at all (no `--num-threads`, no `OMP_NUM_THREADS`): how many threads
-it runs is its own default's decision, and the report shows the cores it actually used.
+Our server gets no `--num-threads`: how many torch threads it runs is its own default's decision (an
+explicit `torch.set_num_threads` in the server overrides the environment); the report shows the threads
+in each process tree and the cores each side actually used.
 """
 
 from __future__ import annotations
@@ -29,16 +30,14 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from crosspool_sgl.bench.monitor import tree_cpu_seconds
+from crosspool_sgl.bench.monitor import tree_cpu_seconds, tree_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 STUBS_DIR = ROOT / "patches" / "stubs"
 HOST = "127.0.0.1"
-COMMON_ENV = {"TOKENIZERS_PARALLELISM": "false"}
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-# One torch thread per stock server; SGLANG_USE_CPU_ENGINE=1 makes stock's is_cpu() true (else it
-# imports vllm); see decode_throughput.py.
-STOCK_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "SGLANG_USE_CPU_ENGINE": "1"}
+COMMON_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# SGLANG_USE_CPU_ENGINE=1 makes stock's is_cpu() true (else it imports vllm); see decode_throughput.py.
+STOCK_ENV = {"SGLANG_USE_CPU_ENGINE": "1"}
 
 
 @dataclass(frozen=True)
@@ -106,8 +105,7 @@ def server_env(kind: str) -> dict[str, str]:
         env.update(STOCK_ENV)
         paths.insert(0, str(STUBS_DIR))
     else:
-        for key in ("SGLANG_USE_CPU_ENGINE", *THREAD_ENV):
-            env.pop(key, None)
+        env.pop("SGLANG_USE_CPU_ENGINE", None)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *paths])
     return env
 
@@ -317,6 +315,10 @@ class RunningSetup:
 
     def alive(self) -> bool:
         return all(s.proc.poll() is None for s in self.servers)
+
+    def num_threads(self) -> int:
+        """OS threads in every server's process tree (torch's intra-op pool included)."""
+        return sum(tree_threads(s.proc.pid) for s in self.servers)
 
     def cpu_seconds(self) -> float:
         """User + system CPU seconds of every server's process tree so far."""
