@@ -102,7 +102,7 @@ def longctx_variant(quick: bool) -> Variant:
     )
     title = "long-context variant (16k-context models, 5k-12k-token prompt bursts)"
     return Variant(
-        "longctx", title, models, 16384, budget, trace, drain_s=30.0 if quick else 40.0, seed_offset=1
+        "longctx", title, models, 16384, budget, trace, drain_s=30.0, seed_offset=1
     )
 
 
