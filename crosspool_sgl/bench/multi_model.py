@@ -73,7 +73,7 @@ def bursty_variant(quick: bool) -> Variant:
     )
     trace = TraceConfig(models=models, duration_s=8.0 if quick else 40.0, total_rate=2.5, long_bursts=long)
     title = "bursty multi-model trace (4k-context models)"
-    return Variant("bursty", title, models, 4096, budget, trace, drain_s=10.0 if quick else 20.0)
+    return Variant("bursty", title, models, 4096, budget, trace, drain_s=10.0 if quick else 15.0)
 
 
 def longctx_variant(quick: bool) -> Variant:
@@ -102,7 +102,7 @@ def longctx_variant(quick: bool) -> Variant:
     )
     title = "long-context variant (16k-context models, 5k-12k-token prompt bursts)"
     return Variant(
-        "longctx", title, models, 16384, budget, trace, drain_s=30.0, seed_offset=1
+        "longctx", title, models, 16384, budget, trace, drain_s=30.0 if quick else 25.0, seed_offset=1
     )
 
 
