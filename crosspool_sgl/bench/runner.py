@@ -169,7 +169,9 @@ def run_interleaved(
             f"   {o['completed']}/{o['requests']} done, {o['timeout']} timeouts, TTFT P99 "
             f"{o['ttft_p99_ms'] or 0:.0f} ms, TBT P99 {o['tbt_p99_ms'] or 0:.1f} ms, "
             f"wall {run['wall_s']:.0f} s, "
-            f"cores {run['cores_used'][name]:.2f}, request pages after {run['request_pages_after']}"
+            f"cores {run['cores_used'][name]:.2f}, per-core busy "
+            f"{' '.join(f'{100 * x:.0f}%' for x in run['percore_busy'])}, load {run['loadavg_1m'][0]:.1f} -> "
+            f"{run['loadavg_1m'][1]:.1f}, request pages after {run['request_pages_after']}"
         )
         if run["request_pages_after"] is not None and any(run["request_pages_after"].values()):
             log(f"!! {name} still holds request KV pages after the replay: {run['request_pages_after']}")
