@@ -1,22 +1,21 @@
-"""Multi-model bursty trace replay: stock SGLang (one server per model) vs crosspool, side by side.
+"""Multi-model bursty trace replay: stock SGLang (one server per model) vs crosspool, interleaved repeats.
 
-    python -m crosspool_sgl.bench.multi_model            # reference run (~12-15 min on 2 cores)
-    python -m crosspool_sgl.bench.multi_model --quick    # smoke test (~2 min)
+    python -m crosspool_sgl.bench.multi_model            # reference run (< 30 min on 2 cores)
+    python -m crosspool_sgl.bench.multi_model --quick    # smoke test (bursty only, < 5 min)
 
-Each variant (the bursty default trace, and a long-context one) is replayed against every setup in
-`servers.SETUPS`, one setup at a time (only one deployment is up at a time, so none steals the
-other's cores). Results: `benchmarks/results/<name>.{md,json}` and PNGs next to them.
+For each variant (the bursty default trace, and a long-context one) every setup is started once and
+stays up; then each trace seed is replayed `--repeats` times against every setup, interleaved
+(`runner.replay_order`), caches flushed before each replay. The report gives medians over the repeats
+with their min-max, overall and per model, and the acceptance verdicts computed from them.
+Results: `benchmarks/results/<name>.{md,json}`, raw records in `<name>_raw.json.gz`, PNGs beside.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
 import shlex
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -25,15 +24,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from crosspool_sgl.bench.client import ReplayArgs, replay
-from crosspool_sgl.bench.monitor import Sampler
-from crosspool_sgl.bench.report import describe_machine, render_markdown, write_report
-from crosspool_sgl.bench.servers import ROOT, SETUPS, ModelEntry, launch, model_entry, settings_description
-from crosspool_sgl.bench.stats import summarize, summarize_by_model
+from crosspool_sgl.bench import aggregate as agg
+from crosspool_sgl.bench.report import (
+    describe_machine,
+    read_raw,
+    render_markdown,
+    scrub_paths,
+    utilisation_note,
+    write_report,
+)
+from crosspool_sgl.bench.runner import ReplayPlan, idle_cores, replay_order, run_interleaved, start_all
+from crosspool_sgl.bench.servers import ROOT, SETUPS, ModelEntry, model_entry, settings_description
 from crosspool_sgl.bench.trace import LengthMix, LongBursts, TraceConfig, generate_trace, trace_summary
 
 DEFAULT_OUT_DIR = ROOT / "benchmarks" / "results"
 MODELS = ("qwen3_moe", "mixtral", "olmoe", "llama")  # Zipf order: qwen3_moe is the warm one
+DEFAULT_SETUPS = ("stock", "crosspool-shared")
+IDLE_CORES_WARN = 0.05  # an idle deployment using more than this steals from the other side
 
 
 @dataclass(frozen=True)
@@ -43,11 +50,15 @@ class Variant:
     models: tuple[str, ...]
     context_len: int
     kv_budget_bytes: int  # the same total on every setup
-    trace: TraceConfig
+    trace: TraceConfig  # its seed is replaced per replayed seed
     drain_s: float = 30.0  # after the last arrival, before unfinished requests count as timeouts
+    seed_offset: int = 0  # trace seed = benchmark seed + this (keeps the variants' traces apart)
+
+    def trace_config(self, seed: int) -> TraceConfig:
+        return replace(self.trace, seed=seed + self.seed_offset)
 
 
-def bursty_variant(quick: bool, seed: int) -> Variant:
+def bursty_variant(quick: bool) -> Variant:
     """Short and medium prompts, on/off bursts, plus long-prompt bursts a static share can't hold."""
     models = MODELS[:2] if quick else MODELS
     # 3 MiB per model: 2,048 qwen3_moe tokens (1.5 KiB/token fp32) in a static share, 4x that shared.
@@ -60,22 +71,21 @@ def bursty_variant(quick: bool, seed: int) -> Variant:
         output_len=32,
         models=("qwen3_moe", "olmoe"),
     )
-    trace = TraceConfig(
-        models=models, duration_s=8.0 if quick else 75.0, total_rate=2.5, seed=seed, long_bursts=long
-    )
+    trace = TraceConfig(models=models, duration_s=8.0 if quick else 40.0, total_rate=2.5, long_bursts=long)
     title = "bursty multi-model trace (4k-context models)"
-    return Variant("bursty", title, models, 4096, budget, trace, drain_s=10.0 if quick else 30.0)
+    return Variant("bursty", title, models, 4096, budget, trace, drain_s=10.0 if quick else 15.0)
 
 
-def longctx_variant(quick: bool, seed: int) -> Variant:
+def longctx_variant(quick: bool) -> Variant:
     """16k-context models, bursts of 5k-12k-token prompts; each static share is < 5k tokens of them."""
     models = MODELS[:2] if quick else MODELS
-    # 5 MiB per model: 3,413 qwen3_moe / 5,120 olmoe tokens static; 13,653 qwen3_moe tokens shared.
-    budget = len(models) * 5 * 2**20
+    # 20 MiB in all: 13,653 qwen3_moe tokens shared. Static shares: 5 MiB per model (3,413 qwen3_moe /
+    # 5,120 olmoe tokens) in the full run, 10 MiB (6,826 qwen3_moe tokens) with --quick's two models.
+    budget = 20 * 2**20
     long = LongBursts(
-        count=2 if quick else 3,
+        count=1 if quick else 3,
         size=2,
-        prompt_lo=5000,
+        prompt_lo=7500 if quick else 5000,
         prompt_hi=12000,
         output_len=32,
         spread_s=4.0,
@@ -83,22 +93,16 @@ def longctx_variant(quick: bool, seed: int) -> Variant:
     )
     trace = TraceConfig(
         models=models,
-        duration_s=15.0 if quick else 45.0,
+        duration_s=10.0 if quick else 40.0,
         total_rate=1.0,
-        seed=seed + 1,
         prompt_mix=(LengthMix(16, 256),),
         output_lo=16,
         output_hi=96,
         long_bursts=long,
     )
+    title = "long-context variant (16k-context models, 5k-12k-token prompt bursts)"
     return Variant(
-        "longctx",
-        "long-context variant (16k-context models, 5k-12k-token prompt bursts)",
-        models,
-        16384,
-        budget,
-        trace,
-        drain_s=60.0,
+        "longctx", title, models, 16384, budget, trace, drain_s=30.0 if quick else 25.0, seed_offset=1
     )
 
 
@@ -122,201 +126,185 @@ def prepare_models(variant: Variant, cache_dir: Path) -> list[ModelEntry]:
     return out
 
 
-def free_ports(n: int) -> int:
-    """A base port with n free consecutive ports after it (best effort)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n < 65000 and all(_port_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError("no free ports")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def run_setup(
-    setup_name: str,
-    variant: Variant,
-    models: list[ModelEntry],
-    trace: list,
-    args: argparse.Namespace,
-    log_dir: Path,
-) -> dict[str, Any]:
-    """Start one setup, replay the trace against it while sampling, stop it; its result entry."""
-    spec = SETUPS[setup_name]
-    start = time.monotonic()
-    setup, why = launch(
-        spec, models, variant.kv_budget_bytes, free_ports(len(models)), log_dir, args.startup_timeout
-    )
-    if setup is None:
-        status = "unavailable" if why and "no --" in why else "failed"
-        print(f"[{setup_name}] {status}: {why}", flush=True)
-        return {"status": status, "reason": why}
-    startup_s = time.monotonic() - start
-    print(f"[{setup_name}] ready in {startup_s:.0f} s", flush=True)
-    load_before = os.getloadavg()[0]
-    try:
-        with Sampler(setup) as sampler:
-            replay_args = ReplayArgs(
-                variant.trace.duration_s + variant.drain_s,
-                not args.no_progress,
-                f"{variant.key}/{setup_name}",
-            )
-            vocab = {m.name: m.vocab_size for m in models}
-            records, t0, wall = asyncio.run(replay(trace, setup.routes, vocab, replay_args))
-        preempted = setup.retractions()
-    finally:
-        setup.stop()
-    done = [r for r in records if r.status == "ok"]
-    return {
-        "status": "ok",
-        "startup_s": startup_s,
-        "wall_s": wall,
-        "preempted": preempted,
-        "peak_rss_bytes": sampler.samples.peak_rss,
-        "loadavg_1m": [load_before, os.getloadavg()[0]],
-        "summary": summarize_by_model(records, wall),
-        # Long-context requests change everyone's step times; this view isolates the ordinary traffic.
-        "summary_normal": summarize([r for r in records if r.kind == "normal"], wall),
-        "samples": sampler.samples.relative(t0),
-        "raw": {
-            "ttft_ms": [round(r.ttft * 1e3, 2) for r in done if r.ttft is not None],
-            "tbt_ms": [round(g * 1e3, 2) for r in done for g in r.tbts()],
-        },
-        "errors": sorted({r.error for r in records if r.error})[:10],
-    }
-
-
-def run_variant(variant: Variant, args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
+def run_variant(variant: Variant, args: argparse.Namespace, work_dir: Path) -> tuple[dict, dict]:
+    """Start every setup, check idle CPU, replay interleaved, stop; (summary variant, raw variant)."""
     models = prepare_models(variant, work_dir / "models")
-    trace = generate_trace(variant.trace)
-    setups = {}
-    for name in args.setups:
-        print(
-            f"== {variant.key}: {name} ({len(trace)} requests, {variant.trace.duration_s:.0f} s)", flush=True
-        )
-        setups[name] = run_setup(name, variant, models, trace, args, work_dir)
+    traces = {s: generate_trace(variant.trace_config(s)) for s in args.seeds}
+    plan = ReplayPlan(
+        variant.trace.duration_s + variant.drain_s,
+        variant.kv_budget_bytes,
+        tuple(models),
+        progress=not args.no_progress,
+        startup_timeout_s=args.startup_timeout,
+        idle_sample_s=args.idle_sample_s,
+    )
+    print(f"== {variant.key}: starting {', '.join(args.setups)}", flush=True)
+    running, deployments = start_all(args.setups, plan, work_dir)
+    try:
+        for name, cores in idle_cores(running, args.idle_sample_s).items():
+            deployments[name]["idle_cores"] = cores
+            print(f"[{name}] idle: {cores:.3f} cores over {args.idle_sample_s:.0f} s", flush=True)
+        for name, setup in running.items():
+            deployments[name]["kv_total_bytes"] = setup.kv_total_bytes()
+            deployments[name]["threads"] = setup.num_threads()
+        order = replay_order(args.setups, args.repeats, args.seeds)
+        runs, raws = run_interleaved(running, traces, plan, order, variant.key)
+    finally:
+        for setup in running.values():
+            setup.stop()
     stock_tokens = {m.name: variant.kv_budget_bytes // len(models) // m.kv_bytes_per_token for m in models}
-    return {
+    out = {
         "title": variant.title,
+        "models": list(variant.models),
         "context_len": variant.context_len,
         "kv_budget_bytes": variant.kv_budget_bytes,
         "stock_kv_tokens": stock_tokens,
-        "trace": {
-            "config": asdict(variant.trace),
-            "num_requests": len(trace),
-            "summary": trace_summary(trace),
+        "drain_s": variant.drain_s,
+        "traces": {
+            str(s): {
+                "config": asdict(variant.trace_config(s)),
+                "num_requests": len(t),
+                "summary": trace_summary(t),
+            }
+            for s, t in traces.items()
         },
-        "setups": setups,
+        "deployments": deployments,
+        "runs": runs,
     }
+    out["representative"] = agg.representative(out)
+    return out, {"runs": raws}
 
 
 def build_notes(report: dict[str, Any]) -> list[str]:
     """Caveats derived from the run itself (the README adds the discussion)."""
     notes = [
-        "All setups ran one after another in this session on the same trace; only one deployment was "
-        "up at a time. Each crosspool setup is one server; stock is one server per model."
+        "Every deployment of a variant was up for the whole variant; the replays ran one at a time, "
+        "interleaved (see the run table), so the idle deployments' cost is measured, not assumed."
     ]
+    for key, v in report["variants"].items():
+        for name, d in v.get("deployments", {}).items():
+            if d["status"] != "ok":
+                notes.append(f"{key}: {name} {d['status']}: {d.get('reason')}")
+            elif (d.get("idle_cores") or 0) > IDLE_CORES_WARN:
+                notes.append(
+                    f"**{key}: idle {name} used {d['idle_cores']:.3f} cores** (more than {IDLE_CORES_WARN}): "
+                    "it competes with the other side's replays."
+                )
+        for r in v.get("runs", []):
+            if r["status"] != "ok":
+                notes.append(f"{key}: run #{r['slot']} ({r['setup']}) {r['status']}: {r.get('reason')}")
+            elif any(c != 200 for c in r.get("flush_codes", [])):
+                notes.append(
+                    f"{key}: run #{r['slot']} ({r['setup']}): /flush_cache answered {r['flush_codes']}"
+                )
+            pages = r.get("request_pages_after")
+            if (
+                r.get("kind") == "crosspool"
+                and r["status"] == "ok"
+                and (pages is None or any(pages.values()))
+            ):
+                notes.append(
+                    f"**{key}: after run #{r['slot']} ({r['setup']}) request KV pages were {pages}**"
+                )
     loads = [
-        x for v in report["variants"].values() for s in v["setups"].values() for x in s.get("loadavg_1m", [])
+        x for v in report["variants"].values() for r in v.get("runs", []) for x in r.get("loadavg_1m", [])
     ]
     cores = report["machine"]["cores"] or 1
     if loads and max(loads) > cores:
         notes.append(
             f"The machine was shared: 1-min load average up to {max(loads):.1f} on {cores} cores "
-            "during the run, so absolute latencies are noisy; compare setups within a variant."
+            "during the replays, so absolute latencies are noisy; the interleaving spreads that over "
+            "both sides."
         )
-    for v in report["variants"].values():
-        for name, s in v["setups"].items():
-            if s["status"] != "ok":
-                notes.append(f"{v['title']}: {name} {s['status']}: {s.get('reason')}")
-    notes.append(
+    notes += [
+        "Threads: every process runs with OMP_NUM_THREADS=1 (stock: one core per model server, its fair "
+        "CPU setting); crosspool gets no --num-threads, so its own default chooses its torch threads; the "
+        "OS threads of each process tree and the cores each side used are in the machine tables.",
         "Stock SGLang 0.5.23 ignores Mixtral's `sliding_window` (48 in the tiny model): its Mixtral "
-        "attends to the whole context, which costs it a little more attention work."
-    )
+        "attends to the whole context, which costs it a little more attention work.",
+        utilisation_note(report),
+    ]
     return notes
-
-
-def merge_into(path: Path, new: dict[str, Any]) -> dict[str, Any]:
-    """`--update`: put the setups just run into an earlier report of the same traces (same seed and
-    config), keeping the others; the earlier command, date and machine stay, the update is listed."""
-    old = json.loads(path.read_text())
-    for key, variant in new["variants"].items():
-        prev = old["variants"].get(key)
-        if prev is None:
-            old["variants"][key] = variant
-            continue
-        if prev["trace"]["config"] != variant["trace"]["config"]:
-            raise SystemExit(f"--update: the {key} trace differs from the one in {path}")
-        prev["setups"].update(variant["setups"])
-        prev["setups"] = {n: prev["setups"][n] for n in SETUPS if n in prev["setups"]}
-    old.setdefault("updates", []).append(
-        {
-            "date": new["date"],
-            "command": new["command"],
-            "loadavg_at_start": new["machine"]["loadavg_at_start"],
-        }
-    )
-    old["settings"].update(new["settings"])
-    old["wall_s"] = old.get("wall_s", 0) + new["wall_s"]
-    return old
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--quick",
-        action="store_true",
-        help="2 models, an 8 s bursty trace, stock vs shared (smoke test, ~2 min)",
+        "--quick", action="store_true", help="2 models, bursty only, short traces, 1 seed, 2 repeats"
     )
     p.add_argument("--variants", help="comma-separated of bursty, longctx (default both; --quick: bursty)")
     p.add_argument(
-        "--setups",
-        help=f"comma-separated of {', '.join(SETUPS)} (default all; --quick: stock,crosspool-shared)",
+        "--setups", default=",".join(DEFAULT_SETUPS), help=f"comma-separated of {', '.join(SETUPS)}"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", help="comma-separated trace seeds (default 0,1; --quick: 0)")
+    p.add_argument("--repeats", type=int, help="replays of every (seed, setup) (default 3; --quick: 2)")
     p.add_argument("--duration", type=float, help="override every trace's duration (s)")
+    p.add_argument("--idle-sample-s", type=float, default=3.0, help="idle CPU check per variant (s)")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR))
     p.add_argument("--name", help="result file stem (default multi_model, or multi_model_quick)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument(
-        "--update",
-        action="store_true",
-        help="merge the setups run now into the existing <name>.json (same traces) and re-render",
-    )
-    p.add_argument("--rerender", action="store_true", help="rewrite <name>.md and PNGs from <name>.json")
+    p.add_argument("--rerender", action="store_true", help="rewrite <name>.md and PNGs from the stored files")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--keep-logs", action="store_true", help="keep server logs (their dir is printed)")
     args = p.parse_args(argv)
-    args.setups = args.setups or ("stock,crosspool-shared" if args.quick else ",".join(SETUPS))
     args.setups = [s for s in args.setups.split(",") if s]
     unknown = set(args.setups) - set(SETUPS)
     if unknown:
         p.error(f"unknown setups {sorted(unknown)}")
-    args.variants = args.variants or ("bursty" if args.quick else "bursty,longctx")
+    args.variants = [
+        v for v in (args.variants or ("bursty" if args.quick else "bursty,longctx")).split(",") if v
+    ]
+    if set(args.variants) - {"bursty", "longctx"}:
+        p.error(f"unknown variants {args.variants}")
+    args.seeds = [int(x) for x in (args.seeds or ("0" if args.quick else "0,1")).split(",") if x]
+    args.repeats = args.repeats or (2 if args.quick else 3)
     args.name = args.name or ("multi_model_quick" if args.quick else "multi_model")
     return args
 
 
+def path_replacements(work_dir: Path | None) -> list[tuple[str, str]]:
+    """This machine's paths that may end up in results, and what stands for them there."""
+    from crosspool_sgl.tools.make_tiny_models import default_cache_dir
+
+    prefix = Path(sys.prefix)
+    pairs = [
+        (str(default_cache_dir()), "<tiny-models>"),
+        (tempfile.gettempdir(), "<tmp>"),
+        (str(ROOT), "<repo>"),
+        (str(ROOT.resolve()), "<repo>"),
+        (str(prefix), "<venv>"),
+        (str(prefix.resolve()), "<venv>"),
+        (str(Path.home()), "~"),
+    ]
+    if work_dir is not None:
+        pairs += [(str(work_dir), "<tmp>"), (str(work_dir.resolve()), "<tmp>")]
+    return pairs
+
+
+def rerender(args: argparse.Namespace) -> int:
+    """Tables and plots again from the stored JSON and raw sidecar (e.g. after editing the report code)."""
+    out_dir = Path(args.out_dir)
+    report = json.loads((out_dir / f"{args.name}.json").read_text())
+    for key in ("acceptance", "medians"):
+        report.pop(key, None)
+    for v in report["variants"].values():  # the representative view is derived again on writing
+        v.pop("trace", None)
+        v.pop("setups", None)
+    raw_path = out_dir / f"{args.name}_raw.json.gz"
+    raw = read_raw(raw_path) if raw_path.exists() else None
+    report["notes"] = build_notes(report)
+    write_report(report, raw, out_dir, args.name)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.rerender:  # tables and plots again from the JSON (e.g. after editing the notes)
-        report = json.loads((Path(args.out_dir) / f"{args.name}.json").read_text())
-        report["notes"] = build_notes(report) + report.get("extra_notes", [])
-        write_report(report, Path(args.out_dir), args.name)
-        return 0
+    if args.rerender:
+        return rerender(args)
     started = time.monotonic()
     makers = {"bursty": bursty_variant, "longctx": longctx_variant}
-    variants = [makers[k](args.quick, args.seed) for k in args.variants.split(",") if k]
+    variants = [makers[k](args.quick) for k in args.variants]
     if args.duration:
         variants = [replace(v, trace=replace(v.trace, duration_s=args.duration)) for v in variants]
     work_dir = Path(tempfile.mkdtemp(prefix="bench_multi_model_"))
@@ -326,30 +314,33 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", "crosspool_sgl.bench.multi_model", *(argv or sys.argv[1:])]),
         "machine": describe_machine(),
+        "config": {"setups": args.setups, "seeds": args.seeds, "repeats": args.repeats},
         "variants": {},
     }
+    raw: dict[str, Any] = {"variants": {}}
     try:
         for v in variants:
-            report["variants"][v.key] = run_variant(v, args, work_dir)
+            report["variants"][v.key], raw["variants"][v.key] = run_variant(v, args, work_dir)
+            print(f"== {v.key} done at {time.monotonic() - started:.0f} s", flush=True)
     finally:
         print(f"server logs in {work_dir}" if args.keep_logs else "", flush=True)
-    first = variants[0]
-    models = prepare_models(first, work_dir / "models")
+    models = prepare_models(variants[0], work_dir / "models")
     report["settings"] = {
-        n: settings_description(SETUPS[n], models, first.kv_budget_bytes) for n in args.setups
+        n: settings_description(SETUPS[n], models, variants[0].kv_budget_bytes) for n in args.setups
     }
-    report["wall_s"] = time.monotonic() - started
-    if args.update:
-        report = merge_into(Path(args.out_dir) / f"{args.name}.json", report)
+    report["wall_s"] = round(time.monotonic() - started, 1)
     report["notes"] = build_notes(report)
+    replacements = path_replacements(work_dir)
+    report, raw = scrub_paths(report, replacements), scrub_paths(raw, replacements)
     print("\n" + render_markdown(report))
     if not args.no_write:
-        for path in write_report(report, Path(args.out_dir), args.name):
+        for path in write_report(report, raw, Path(args.out_dir), args.name):
             print(f"wrote {path}")
     if not args.keep_logs:
         shutil.rmtree(work_dir, ignore_errors=True)
-    ok = all(s["status"] != "failed" for v in report["variants"].values() for s in v["setups"].values())
-    return 0 if ok else 1
+    deps = [d for v in report["variants"].values() for d in v["deployments"].values()]
+    runs = [r for v in report["variants"].values() for r in v["runs"]]
+    return 0 if all(d["status"] != "failed" for d in deps) and all(r["status"] == "ok" for r in runs) else 1
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """Start the compared deployments on loopback, probe them, and stop them without leaving orphans.
 
-Setups (same models, same total KV bytes, one torch thread per server process, idle servers sleep):
+Setups (same models, same total KV bytes, idle servers use no CPU, `OMP_NUM_THREADS=1` everywhere):
 - `stock`: one stock `sglang.launch_server` per model, each with an equal byte share of the KV
-  budget as `--max-total-tokens`, `--sleep-on-idle`, `OMP_NUM_THREADS=1` (../shared/SGLANG_ON_CPU.md);
+  budget as `--max-total-tokens`, `--sleep-on-idle`, one torch thread: its fair settings on CPU, one
+  core per model server;
 - `crosspool-static`: our server with `--kv-partition static` (per-model partitions, same total);
 - `crosspool-shared`: our server, one shared KV pool (colocated attention and FFN);
 - `crosspool-disagg`: our server with `--ffn-workers 1` (attention and FFN in separate processes).
 A crosspool setup whose flag the server does not have yet is reported as unavailable, not faked.
+Our server gets no `--num-threads`: how many torch threads it runs is its own default's decision (an
+explicit `torch.set_num_threads` in the server overrides the environment); the report shows the threads
+in each process tree and the cores each side actually used.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +29,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from crosspool_sgl.bench.monitor import tree_cpu_seconds, tree_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 STUBS_DIR = ROOT / "patches" / "stubs"
@@ -148,8 +155,6 @@ def crosspool_command(
         "float32",
         "--kv-pool-bytes",
         str(kv_bytes),
-        "--num-threads",
-        "1",
         "--log-level",
         "info",
     ]
@@ -173,6 +178,16 @@ def http_post_json(url: str, body: dict, timeout: float = 60.0) -> tuple[int, di
             return resp.status, json.loads(resp.read())
     except OSError as exc:
         return getattr(exc, "code", 0) or 0, {"error": repr(exc)}
+
+
+def http_post_raw(url: str, timeout: float = 30.0) -> int:
+    """POST without a body; the HTTP status (0 when unreachable)."""
+    req = urllib.request.Request(url, b"", method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status
+    except OSError as exc:
+        return getattr(exc, "code", 0) or 0
 
 
 @dataclass
@@ -298,9 +313,107 @@ class RunningSetup:
                 total += prometheus_value(body.decode(), "sglang:num_retracted_requests_total")
         return int(total)
 
+    def alive(self) -> bool:
+        return all(s.proc.poll() is None for s in self.servers)
+
+    def num_threads(self) -> int:
+        """OS threads in every server's process tree (torch's intra-op pool included)."""
+        return sum(tree_threads(s.proc.pid) for s in self.servers)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of every server's process tree so far."""
+        return sum(tree_cpu_seconds(s.proc.pid) for s in self.servers)
+
+    def flush_caches(self, timeout_s: float = 15.0) -> list[int]:
+        """POST /flush_cache to every server (both sides keep a prefix cache; a repeat must not find
+        the last one's prompts warm). A server refuses while requests run, so retry until it agrees;
+        the HTTP codes of the last attempts."""
+        deadline = time.monotonic() + timeout_s
+        codes = []
+        for s in self.servers:
+            code = 0
+            while True:
+                code = http_post_raw(f"{s.url}/flush_cache")
+                if code == 200 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            codes.append(code)
+        return codes
+
+    def request_pages(self) -> dict[str, int] | None:
+        """KV pages held by requests per model (crosspool only; None for stock or no answer)."""
+        if self.spec.kind != "crosspool":
+            return None
+        code, body = http_get(f"{self.servers[0].url}/get_server_info")
+        if code != 200:
+            return None
+        return {m: int(n) for m, n in json.loads(body).get("kv_pool", {}).get("used_pages", {}).items()}
+
+    def wait_request_pages_zero(self, timeout_s: float = 5.0) -> tuple[dict[str, int] | None, float]:
+        """Poll until no request holds a page (aborted requests free theirs a step later); the last
+        reading and the seconds waited."""
+        start = time.monotonic()
+        pages = self.request_pages()
+        while pages is not None and any(pages.values()) and time.monotonic() - start < timeout_s:
+            time.sleep(0.25)
+            pages = self.request_pages()
+        return pages, time.monotonic() - start
+
+    def kv_total_bytes(self) -> int | None:
+        """The KV bytes the servers say they have: ours from its pool, stock from
+        `max_total_num_tokens` x KV bytes per token (None where a server does not say)."""
+        total = 0
+        for s in self.servers:
+            code, body = http_get(f"{s.url}/get_server_info")
+            if code != 200:
+                return None
+            info = json.loads(body)
+            if self.spec.kind == "crosspool":
+                total += int(info.get("kv_pool", {}).get("total_bytes", 0))
+                continue
+            tokens = find_key(info, "max_total_num_tokens")
+            if tokens is None:
+                return None
+            total += int(tokens) * s.models[0].kv_bytes_per_token
+        return total
+
     def stop(self) -> None:
         for s in self.servers:
             s.stop()
+
+
+def find_key(obj: Any, key: str) -> Any:
+    """The first value of `key` anywhere in nested dicts/lists (stock nests it in internal_states)."""
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        obj = list(obj.values())
+    if isinstance(obj, list):
+        for item in obj:
+            found = find_key(item, key)
+            if found is not None:
+                return found
+    return None
+
+
+def free_ports(n: int) -> int:
+    """A base port with n free consecutive ports after it (best effort)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            base = s.getsockname()[1]
+        if base + n < 65000 and all(_port_free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no free ports")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
 
 
 def launch(

@@ -99,3 +99,22 @@ def ratio(baseline: float | None, ours: float | None) -> float | None:
     if baseline is None or ours is None or ours <= 0:
         return None
     return baseline / ours
+
+
+def compact_record(rec: RequestRecord, t0: float) -> dict[str, Any]:
+    """A JSON-ready record for the raw sidecar: times relative to the trace start / the request's send,
+    rounded to 10 us (enough for ms percentiles, small once gzipped)."""
+    start = rec.start_s
+    return {
+        "i": rec.index,
+        "model": rec.model,
+        "kind": rec.kind,
+        "status": rec.status,
+        "prompt_len": rec.prompt_len,
+        "output_len": rec.output_len,
+        "completion_tokens": rec.completion_tokens,
+        "sent_s": None if start is None else round(start - t0, 5),
+        "ttft_ms": None if rec.ttft is None else round(rec.ttft * 1e3, 2),
+        "chunks_ms": [] if start is None else [round((c - start) * 1e3, 2) for c in rec.chunk_s],
+        "error": rec.error,
+    }
