@@ -70,6 +70,7 @@ class BatchPlan:
     blocked: tuple[Req, int] | None = None  # (request, pages) that did not fit this step
     blocked_overdue: bool = False  # the blocked request is past its deadline (reclaim for it)
     lane: tuple[Req, int] | None = None  # a long prefill chunk to run beside the step (prefill lane)
+    also_blocked: list[tuple[Req, int, bool]] = field(default_factory=list)  # all that did not fit
 
     @property
     def empty(self) -> bool:
@@ -153,20 +154,28 @@ class SchedulePolicy:
         budget: PageBudget,
         now: float | None = None,
         lane_free: bool = False,
+        in_flight: Iterable[Req] = (),
     ) -> BatchPlan | None:
-        """The next step's plan; `lane_free`: a prefill lane can take one long chunk beside the step."""
+        """The next step's plan; `lane_free`: a prefill lane can take one long chunk beside the step;
+        `in_flight`: running requests whose lane chunk is running (not scheduled, but their future
+        pages are kept for them like any running request's)."""
         now = time.monotonic() if now is None else now
+        in_flight = list(in_flight)
         plan = BatchPlan()
         waiting = list(waiting)
         keep = self._schedule_running(running, budget, plan)
         step = _StepFill(self, [r for r, _ in plan.items])
         headroom = budget.copy()  # what admissions may use once running requests keep their share
-        room = all([headroom.try_take(r.model, self.future_pages(r, 0)) for r in keep])
+        room = all([headroom.try_take(r.model, self.future_pages(r, 0)) for r in [*keep, *in_flight]])
         candidates = [r for r in keep if r.num_uncached > 1] + waiting
         candidates.sort(key=self.admission_key)
         if len(waiting) > 1:  # one huge prompt goes after everyone else queued (until it is overdue)
             candidates.sort(key=lambda r: r.state is ReqState.WAITING and self.oversized(r, now))
-        num_running, admitting, num_prefills = len(keep), True, 0
+        num_running, admitting, num_prefills = len(keep) + len(in_flight), True, 0
+        # An overdue request reserves memory only when it can follow the running ones: while a huge
+        # request runs, the overdue one cannot start before it ends, and holding back the small
+        # requests meanwhile would only cost their TTFT (long-context trace, two 9-12k prompts).
+        reserve = not any(self.oversized(r) for r in [*keep, *in_flight])
         for i, req in enumerate(candidates):
             if step.exhausted and num_prefills and not lane_free:
                 break
@@ -188,10 +197,10 @@ class SchedulePolicy:
             need = pages_for(req, n, self.args.page_tokens)
             future = self.future_pages(req, n)
             if is_new and num_running and not (room and headroom.copy().try_take(req.model, future, overdue)):
-                admitting = self._blocked(plan, req, future, overdue) and admitting
+                admitting = self._blocked(plan, req, future, overdue, reserve) and admitting
                 continue
             if not budget.try_take(req.model, need, overdue):
-                admitting = self._blocked(plan, req, need, overdue) and admitting
+                admitting = self._blocked(plan, req, need, overdue, reserve) and admitting
                 continue
             if is_new:
                 headroom.try_take(req.model, future, overdue)
@@ -213,12 +222,13 @@ class SchedulePolicy:
         return rest_ms > max(step.ms_left, 0.0)
 
     @staticmethod
-    def _blocked(plan: BatchPlan, req: Req, pages: int, overdue: bool) -> bool:
+    def _blocked(plan: BatchPlan, req: Req, pages: int, overdue: bool, reserve: bool) -> bool:
         """Note what did not fit; returns whether later requests may still be admitted (not when an
-        overdue request waits: what frees up is kept for it)."""
+        overdue request waits and `reserve`: what frees up is kept for it)."""
         if plan.blocked is None or (overdue and not plan.blocked_overdue):
             plan.blocked, plan.blocked_overdue = (req, pages), overdue
-        return not overdue
+        plan.also_blocked.append((req, pages, overdue))
+        return not (overdue and reserve)
 
     def oversized(self, req: Req, now: float | None = None) -> bool:
         """Needs more than `max_request_share` of the pool (and, given `now`, is not yet overdue)."""

@@ -177,12 +177,14 @@ class MultiModelScheduler:
         self._match_prefixes()
         self._observe_demand(now)
         waiting = self._grammar_ready(self._admissible())
-        running = [r for r in self.running if self.lane is None or not self.lane.holds(r)]
+        in_lane = [r for r, _ in self.lane.items] if self.lane is not None else []
+        running = [r for r in self.running if r not in in_lane]
         lane_free = self.lane is not None and not self.lane.busy
-        plan = self.policy.next_batch(waiting, running, page_budget(self.kv_pool), now, lane_free)
+        plan = self.policy.next_batch(waiting, running, page_budget(self.kv_pool), now, lane_free, in_lane)
         if plan is not None and plan.blocked is not None:
-            if self._reclaim(*plan.blocked, plan.blocked_overdue):
-                plan = self.policy.next_batch(waiting, running, page_budget(self.kv_pool), now, lane_free)
+            if self._reclaim_for_any(plan):
+                budget = page_budget(self.kv_pool)
+                plan = self.policy.next_batch(waiting, running, budget, now, lane_free, in_lane)
         items: list[tuple[Req, int]] = []
         if plan is None or plan.empty:
             if self.lane is None or not self.lane.busy:
@@ -308,6 +310,13 @@ class MultiModelScheduler:
                 )
                 evicted_any = True
         return evicted_any
+
+    def _reclaim_for_any(self, plan: BatchPlan, limit: int = 4) -> bool:
+        """Reclaim for the first of the blocked requests (overdue one first) that reclaiming can seat."""
+        tried = [(*plan.blocked, plan.blocked_overdue)] + [
+            b for b in plan.also_blocked if b[0] is not plan.blocked[0]
+        ]
+        return any(self._reclaim(req, pages, overdue) for req, pages, overdue in tried[:limit])
 
     def _fits_after_reclaim(self, blocked: Req, pages: int, overdue: bool) -> bool:
         """Would `blocked` fit if every unreferenced cached page (pinned ones included) were freed?"""
