@@ -12,6 +12,7 @@ architectures, generated locally on first run and cached.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import math
 import multiprocessing as mp
@@ -204,6 +205,20 @@ def add_process_flags(p: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     p.add_argument(
+        "--max-body-bytes",
+        type=parse_bytes,
+        default=16 << 20,
+        help="largest request body, e.g. 16M; larger ones get 413 before they are parsed (default: 16M)",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        dest="shutdown_grace_s",
+        type=parse_seconds,
+        default=30.0,
+        help="on SIGTERM, seconds in-flight requests may take to finish before the server exits; "
+        "new connections are refused meanwhile (default: %(default)s)",
+    )
+    p.add_argument(
         "--openai-frontend",
         choices=["sglang", "own"],
         default="sglang",
@@ -237,11 +252,12 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
             parser.error(f"{args.config}: unknown keys {sorted(unknown)}")
         parser.set_defaults(**{k: v for k, v in cfg.items() if k in known and k not in ("model", "config")})
         args = parser.parse_args(argv)
-        for key in ("kv_pool_bytes", "kv_chunk_bytes", "max_resident_bytes"):
+        for key in ("kv_pool_bytes", "kv_chunk_bytes", "max_resident_bytes", "max_body_bytes"):
             if isinstance(getattr(args, key), str):
                 setattr(args, key, parse_bytes(getattr(args, key)))
-        if isinstance(args.keep_alive_s, str):
-            args.keep_alive_s = parse_seconds(args.keep_alive_s)
+        for key in ("keep_alive_s", "shutdown_grace_s"):
+            if isinstance(getattr(args, key), str):
+                setattr(args, key, parse_seconds(getattr(args, key)))
     specs = config_models + [_model_flag(parser, m) for m in args.model]
     if not specs:
         from crosspool_sgl.tools.make_tiny_models import ensure_tiny_models
@@ -274,6 +290,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
         args.startup_timeout,
         args.openai_frontend,
         args.max_pending_requests,
+        args.max_body_bytes,
+        args.shutdown_grace_s,
     )
 
 
@@ -398,6 +416,7 @@ class ChildProcesses:
         paths = {s.name: s.path for s in args.engine.models}
         self.pipes: dict[str, Any] = {}
         self.procs: dict[str, Any] = {}
+        self.ffn_pids: list[int] = []
         for name, target, targs in (
             ("scheduler", run_scheduler_process, (args.engine, self.scheduler_addr, self.detokenizer_addr)),
             ("detokenizer", run_detokenizer_process, (paths, self.detokenizer_addr, self.tokenizer_addr)),
@@ -432,10 +451,18 @@ class ChildProcesses:
                     ready[name] = msg
                 elif not self.procs[name].is_alive():
                     raise StartupError(f"{name} process exited with code {self.procs[name].exitcode}")
+        self.ffn_pids = list(ready["scheduler"].get("ffn_worker_pids", []))
         return ready
 
     def alive(self) -> bool:
         return all(p.is_alive() for p in self.procs.values())
+
+    def probes(self) -> list[Any]:
+        """What the watchdog polls: both children, then every FFN worker of the scheduler."""
+        from crosspool_sgl.entrypoints.watchdog import mp_probe, pid_probe
+
+        out = [mp_probe(name, p) for name, p in self.procs.items()]
+        return out + [pid_probe(f"FFN worker {i}", pid) for i, pid in enumerate(self.ffn_pids)]
 
     def stop(self) -> None:
         for p in self.procs.values():
@@ -446,10 +473,38 @@ class ChildProcesses:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
+        _kill_leftovers(self.ffn_pids)
 
 
-def serve(args: ServerArgs) -> None:
-    """Check the models, start the children, serve HTTP until SIGINT/SIGTERM, stop the children."""
+def _kill_leftovers(pids: list[int]) -> None:
+    """FFN workers left behind by a scheduler that was killed (they would exit on their own, later)."""
+    import psutil
+
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            continue
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=5)
+    for p in alive:
+        p.kill()
+
+
+FATAL_LINGER_S = 1.0  # after a child died: answer 503 (and /health unhealthy) this long, then exit
+
+
+def serve(args: ServerArgs) -> str | None:
+    """Check the models, start the children, serve HTTP until SIGINT/SIGTERM or a child's death, stop
+    the children. Returns why a child died (the launcher then exits non-zero), None on a clean stop.
+
+    SIGTERM drains: uvicorn stops accepting connections and lets in-flight requests finish for up to
+    --shutdown-grace seconds."""
     import uvicorn
 
     specs = args.engine.models
@@ -457,28 +512,38 @@ def serve(args: ServerArgs) -> None:
     tokenizers = load_tokenizers(specs)
     ipc_dir = tempfile.mkdtemp(prefix="crosspool-ipc-")
     children = None
+    fatal: list[str] = []
     # Until uvicorn installs its own handlers, SIGTERM must still run the cleanup below.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         children = ChildProcesses(args, ipc_dir)
         ready = children.wait_ready(args.startup_timeout_s)
-        app, models = build_app(args, configs, tokenizers, children, ready["scheduler"]["info"])
+        server: Any = None
+
+        def on_death(reason: str) -> None:
+            fatal.append(reason)
+            tm.fail_all(f"{reason}; this server is stopping")
+            asyncio.get_running_loop().call_later(FATAL_LINGER_S, setattr, server, "should_exit", True)
+
+        app, models, tm = build_app(args, configs, tokenizers, children, ready["scheduler"]["info"], on_death)
         logger.info("serving %s on http://%s:%d", ", ".join(models), args.host, args.port)
         config = uvicorn.Config(
             app,
             host=args.host,
             port=args.port,
             log_level=args.log_level,
-            timeout_graceful_shutdown=5,
+            timeout_graceful_shutdown=max(1, math.ceil(args.shutdown_grace_s)),
             timeout_keep_alive=5,
         )
-        uvicorn.Server(config).run()
+        server = uvicorn.Server(config)
+        server.run()
     except KeyboardInterrupt:
         pass
     finally:
         if children is not None:
             children.stop()
         shutil.rmtree(ipc_dir, ignore_errors=True)
+    return fatal[0] if fatal else None
 
 
 def build_app(
@@ -487,10 +552,12 @@ def build_app(
     tokenizers: dict[str, Any],
     children: ChildProcesses,
     startup_info: dict[str, Any],
-) -> tuple[Any, dict[str, Any]]:
-    """The FastAPI app over a tokenizer manager wired to the children's sockets."""
+    on_death: Callable[[str], None] = lambda reason: None,
+) -> tuple[Any, dict[str, Any], Any]:
+    """The FastAPI app over a tokenizer manager wired to the children's sockets, with a watchdog."""
     from crosspool_sgl.entrypoints.http_server import create_app
     from crosspool_sgl.entrypoints.metrics import ServerMetrics
+    from crosspool_sgl.entrypoints.watchdog import ChildWatchdog
     from crosspool_sgl.managers.tokenizer_manager import ModelInfo, MultiModelTokenizerManager
 
     models = {
@@ -526,7 +593,9 @@ def build_app(
             "startup_info": startup_info,
         }
 
-    return create_app(tm, metrics, server_info, args.openai_frontend), models
+    watchdog = ChildWatchdog(children.probes(), on_death)
+    app = create_app(tm, metrics, server_info, args.openai_frontend, args.max_body_bytes, watchdog.start)
+    return app, models, tm
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -552,10 +621,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="[server] %(asctime)s %(levelname)s %(message)s")
     try:
-        serve(args)
+        fatal = serve(args)
     except StartupError as e:
         print(f"crosspool_sgl.launch_server: error: {e}", file=sys.stderr)
         return 1
+    if fatal is not None:
+        print(f"crosspool_sgl.launch_server: error: {fatal}", file=sys.stderr)
+        return 2
     return 0
 
 

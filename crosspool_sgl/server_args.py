@@ -81,3 +81,5 @@ class ServerArgs:
     startup_timeout_s: float = 600.0
     openai_frontend: str = "sglang"  # "sglang": SGLang's OpenAI serving handlers; "own": ours
     max_pending_requests: int = 4096  # in flight across all models; beyond it new requests get 429
+    max_body_bytes: int = 16 << 20  # larger request bodies get 413 before they are parsed
+    shutdown_grace_s: float = 30.0  # SIGTERM: how long in-flight requests may finish before exit
