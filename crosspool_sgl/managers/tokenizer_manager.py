@@ -128,6 +128,7 @@ class MultiModelTokenizerManager:
         self.rid_to_state: dict[str, ReqState] = {}
         self.control_futures: dict[str, asyncio.Future] = {}
         self._ids = itertools.count()
+        self._token_chars: dict[str, int] = {}
         self.dead_reason: str | None = None  # set by the watchdog: every request answers 503
         self.draining = False  # SIGTERM: new requests answer 503, in-flight ones finish
         self.dispatch = {
@@ -182,10 +183,25 @@ class MultiModelTokenizerManager:
         return params, ids
 
     def _encode(self, obj: GenerateInput) -> list[int]:
+        info = self.models[obj.model]
+        if len(obj.text) > info.context_len * self._max_token_chars(obj.model) * 2:
+            # No tokenisation can fit this in the context (a 50 MB prompt took ~60 s to refuse): say so now.
+            raise RequestError(
+                f"This model's maximum context length is {info.context_len} tokens; a prompt of "
+                f"{len(obj.text)} characters cannot fit it (model {obj.model!r})",
+                param="prompt",
+            )
         try:
             return self.tokenizers[obj.model].encode(obj.text)
         except Exception as e:  # the tokenizer's own refusal is the client's error, not ours
             raise RequestError(f"the prompt cannot be tokenised: {e}", param="prompt") from e
+
+    def _max_token_chars(self, model: str) -> int:
+        """Longest vocabulary entry in characters: a prompt has at least len(text) / this many tokens."""
+        if model not in self._token_chars:
+            vocab = getattr(self.tokenizers[model], "get_vocab", dict)()
+            self._token_chars[model] = max(16, max(map(len, vocab), default=0))
+        return self._token_chars[model]
 
     def check_admission(self, num_new: int) -> None:
         """Refuse before anything is tokenised or sent: 503 when down, 400/429 beyond the queue bound."""

@@ -3,6 +3,8 @@ and the server (every model) keeps serving. The first 21 of these used to end th
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import requests
 
@@ -73,7 +75,12 @@ CASES = [
     ("n-0-gen", GEN, gen(n=0), 400),
     ("lone-surrogate-gen", GEN, b'{"text": "a\\ud800b"}', 400),
     ("lone-surrogate-cmpl", CMPL, b'{"model": "llama", "prompt": "a\\udfffb"}', 400),
-    ("lone-surrogate-chat", CHAT, b'{"model": "llama", "messages": [{"role": "user", "content": "\\ud800"}]}', 400),
+    (
+        "lone-surrogate-chat",
+        CHAT,
+        b'{"model": "llama", "messages": [{"role": "user", "content": "\\ud800"}]}',
+        400,
+    ),
     ("invalid-utf8", GEN, b'{"text": "\xff\xfe"}', 400),
     ("malformed-json", CMPL, b'{"model": "llama", "prompt": ', 400),
     ("body-array", GEN, b"[1, 2]", 400),
@@ -140,3 +147,27 @@ def test_every_model_serves_after_the_table(server):
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     flush = server.post("/flush_cache")
     assert flush.json()["success"] in (True, False)
+
+
+def test_huge_prompt_is_refused_fast_and_does_not_stall_others(server):
+    """A 50 MB prompt was refused after 79-96 s, /health blocked meanwhile; now: at once, off the loop."""
+    import threading
+
+    out = {}
+
+    def send() -> None:
+        t0 = time.monotonic()
+        out["resp"] = server.post(GEN, json={"text": "hello world " * (1 << 20)})  # 12 MiB, under 16M
+        out["took"] = time.monotonic() - t0
+
+    t = threading.Thread(target=send)
+    t.start()
+    worst = 0.0
+    while t.is_alive():
+        t0 = time.monotonic()
+        assert server.get("/health").status_code == 200
+        worst = max(worst, time.monotonic() - t0)
+        time.sleep(0.05)
+    t.join()
+    assert out["resp"].status_code == 400 and "context length" in check_error_body(out["resp"])["message"]
+    assert out["took"] < 10 and worst < 2.0, (out["took"], worst)
