@@ -16,6 +16,7 @@ import asyncio
 import logging
 import math
 import multiprocessing as mp
+import os
 import shutil
 import signal
 import sys
@@ -591,6 +592,11 @@ def build_app(
             "server_args": _args_dict(args),
             "uptime_s": time.time() - started,
             "startup_info": startup_info,
+            "processes": {
+                "launcher": os.getpid(),
+                **{name: p.pid for name, p in children.procs.items()},
+                "ffn_workers": list(children.ffn_pids),
+            },
         }
 
     watchdog = ChildWatchdog(children.probes(), on_death)

@@ -180,10 +180,16 @@ def build_native_router(tm: MultiModelTokenizerManager, server_info: Callable[[]
     async def health(model_name: str | None = None) -> Response:
         if model_name is not None:
             pick(model_name)
-        if tm.dead_reason is not None or tm.draining:
-            reason = tm.dead_reason or "shutting down"
+        reason = tm.dead_reason or ("shutting down" if tm.draining else None)
+        if reason is None:
+            try:
+                await tm.get_scheduler_info()  # the scheduler answers
+            except RequestError as e:
+                reason = e.message
+            except TimeoutError:
+                reason = "the scheduler did not answer in time"
+        if reason is not None:
             return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
-        await tm.get_scheduler_info()  # the scheduler answers
         return JSONResponse({"status": "ok"})
 
     @router.get("/health_generate")
