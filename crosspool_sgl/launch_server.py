@@ -206,6 +206,34 @@ def add_process_flags(p: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     p.add_argument(
+        "--max-pending-requests-per-model",
+        dest="max_pending_per_model",
+        type=int,
+        default=None,
+        help="requests in flight per model beyond which that model's new ones get 429; besides it, a "
+        "quarter of each model's fair share of --max-pending-requests stays free for it, so a hot "
+        "model cannot fill the queue of cold ones (default: no per-model bound)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        dest="request_timeout_s",
+        type=parse_seconds,
+        default=None,
+        help="deadline of every request, queued and running, e.g. 120s; beyond it the request is "
+        "aborted and answered 504 (default: none)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but the exempt ones (401 otherwise); "
+        "also read from the CROSSPOOL_API_KEY environment variable (default: no key)",
+    )
+    p.add_argument(
+        "--api-key-exempt",
+        default="/health,/metrics",
+        help="comma-separated paths served without the API key (default: %(default)s)",
+    )
+    p.add_argument(
         "--max-body-bytes",
         type=parse_bytes,
         default=16 << 20,
@@ -256,7 +284,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
         for key in ("kv_pool_bytes", "kv_chunk_bytes", "max_resident_bytes", "max_body_bytes"):
             if isinstance(getattr(args, key), str):
                 setattr(args, key, parse_bytes(getattr(args, key)))
-        for key in ("keep_alive_s", "shutdown_grace_s"):
+        for key in ("keep_alive_s", "shutdown_grace_s", "request_timeout_s"):
             if isinstance(getattr(args, key), str):
                 setattr(args, key, parse_seconds(getattr(args, key)))
     specs = config_models + [_model_flag(parser, m) for m in args.model]
@@ -291,6 +319,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
         args.startup_timeout,
         args.openai_frontend,
         args.max_pending_requests,
+        args.max_pending_per_model,
+        args.request_timeout_s,
+        args.api_key or os.environ.get("CROSSPOOL_API_KEY") or None,
+        tuple(p.strip() for p in str(args.api_key_exempt or "").split(",") if p.strip()),
         args.max_body_bytes,
         args.shutdown_grace_s,
     )
@@ -579,6 +611,8 @@ def build_app(
         children.tokenizer_addr,
         metrics.hooks(),
         args.max_pending_requests,
+        args.max_pending_per_model,
+        args.request_timeout_s,
     )
     started = time.time()
 
@@ -601,6 +635,10 @@ def build_app(
 
     watchdog = ChildWatchdog(children.probes(), on_death)
     app = create_app(tm, metrics, server_info, args.openai_frontend, args.max_body_bytes, watchdog.start)
+    if args.api_key:
+        from crosspool_sgl.entrypoints.auth import ApiKeyMiddleware
+
+        app.add_middleware(ApiKeyMiddleware, api_key=args.api_key, exempt=args.api_key_exempt)
     return app, models, tm
 
 
@@ -620,7 +658,10 @@ def _version() -> str:
 def _args_dict(args: ServerArgs) -> dict[str, Any]:
     from dataclasses import asdict
 
-    return asdict(args)
+    out = asdict(args)
+    if out.get("api_key"):
+        out["api_key"] = "<set>"  # /get_server_info must not hand the key to whoever asks
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

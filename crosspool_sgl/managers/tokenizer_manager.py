@@ -31,7 +31,8 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from crosspool_sgl.managers.errors import RequestError, overloaded, unavailable
+from crosspool_sgl.managers.admission import QueueBounds
+from crosspool_sgl.managers.errors import RequestError, unavailable
 from crosspool_sgl.managers.io_struct import (
     AbortReq,
     BatchStrOutput,
@@ -119,9 +120,12 @@ class MultiModelTokenizerManager:
         recv_addr: str,
         metrics: MetricsHooks | None = None,
         max_pending_requests: int = 4096,
+        max_pending_per_model: int | None = None,
+        request_timeout_s: float | None = None,
     ) -> None:
         self.models = models
-        self.max_pending_requests = max_pending_requests
+        self.bounds = QueueBounds(max_pending_requests, max_pending_per_model)
+        self.request_timeout_s = request_timeout_s
         self.tokenizers = tokenizers
         self.send_addr, self.recv_addr = send_addr, recv_addr
         self.metrics = metrics or MetricsHooks()
@@ -203,30 +207,23 @@ class MultiModelTokenizerManager:
             self._token_chars[model] = max(16, max(map(len, vocab), default=0))
         return self._token_chars[model]
 
-    def check_admission(self, num_new: int) -> None:
-        """Refuse before anything is tokenised or sent: 503 when down, 400/429 beyond the queue bound."""
+    def check_admission(self, model: str, num_new: int) -> None:
+        """Refuse before anything is tokenised or sent: 503 when down, 400/429 beyond a queue bound."""
         if self.dead_reason is not None:
             raise unavailable(self.dead_reason)
         if self.draining:
             raise unavailable("the server is shutting down")
-        if num_new > self.max_pending_requests:
-            raise RequestError(
-                f"{num_new} generations in one request exceed --max-pending-requests "
-                f"{self.max_pending_requests}",
-                param="n",
-            )
-        if len(self.rid_to_state) + num_new > self.max_pending_requests:
-            raise overloaded(
-                f"server overloaded: {len(self.rid_to_state)} requests in flight "
-                f"(--max-pending-requests {self.max_pending_requests}); retry later"
-            )
+        in_flight: dict[str, int] = dict.fromkeys(self.models, 0)
+        for state in self.rid_to_state.values():
+            in_flight[state.obj.model] += 1
+        self.bounds.check(model, num_new, in_flight, list(self.models))
 
     def submit(
         self, obj: GenerateInput, prepared: tuple[SamplingParams, list[int]] | None = None
     ) -> ReqState:
         """Validate, tokenize and send one request; raises RequestError before anything is sent."""
         obj.model = self.resolve_model(obj.model)
-        self.check_admission(1)
+        self.check_admission(obj.model, 1)
         _, ids = prepared or self.prepare(obj)
         obj.rid = obj.rid or f"{uuid.uuid4().hex}-{next(self._ids)}"
         if obj.rid in self.rid_to_state:
@@ -256,14 +253,15 @@ class MultiModelTokenizerManager:
             raise RequestError("the request asks for no generation", param="n")
         for obj in objs:
             obj.model = self.resolve_model(obj.model)
-        self.check_admission(len(objs))
+        model = objs[0].model  # one request's generations are of one model
+        self.check_admission(model, len(objs))
         prepared: dict[int, tuple[SamplingParams, list[int]]] = {}
         for i, obj in enumerate(objs):
             if isinstance(obj.text, str) and obj.input_ids is None and len(obj.text) > _TOKENIZE_INLINE_CHARS:
                 prepared[i] = await asyncio.to_thread(self.prepare, obj)
             else:
                 prepared[i] = self.prepare(obj)
-        self.check_admission(len(objs))  # again: others may have been admitted while we tokenised
+        self.check_admission(model, len(objs))  # again: others may have been admitted while we tokenised
         states: list[ReqState] = []
         try:
             for i, obj in enumerate(objs):
@@ -306,6 +304,16 @@ class MultiModelTokenizerManager:
                 if state.error is not None:
                     state.finished = True  # nothing to abort: the engine side is gone
                     raise state.error
+                if (
+                    self.request_timeout_s is not None
+                    and time.monotonic() - state.created > self.request_timeout_s
+                ):
+                    raise RequestError(
+                        f"request {rid} exceeded its deadline of {self.request_timeout_s:g} s "
+                        "(--request-timeout); aborted",
+                        504,
+                        "TimeoutError",
+                    )
                 if not state.event.is_set():
                     continue
                 state.event.clear()
