@@ -292,4 +292,7 @@ def create_app(
 
         app.include_router(build_sglang_openai_router(tm))
     app.include_router(build_openai_router(tm))
+    from crosspool_sgl.entrypoints.schemas import install_openapi
+
+    install_openapi(app)
     return app

@@ -169,6 +169,8 @@ class MultiModelTokenizerManager:
     # ---- generation ---------------------------------------------------------------------
     def resolve_model(self, name: str | None) -> str:
         name = name or self.default_model
+        if not isinstance(name, str):
+            raise RequestError("`model` must be a string", param="model")
         if name not in self.models:
             raise RequestError(
                 f"The model `{name}` does not exist. Hosted models: {', '.join(self.models)}",

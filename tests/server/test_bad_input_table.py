@@ -100,6 +100,8 @@ CASES = [
     ("unknown-model-cmpl", CMPL, cmpl(model="nope"), 404),
     ("unknown-model-chat", CHAT, chat(model="nope"), 404),
     ("unknown-model-route", "/models/nope/generate", gen(), 404),
+    ("model-list-gen", GEN, {"text": "hi", "model": [None]}, 400),  # found by the schema fuzz test
+    ("model-int-gen", GEN, {"text": "hi", "model": 3}, 400),
     ("messages-missing", CHAT, {"model": "llama"}, 400),
     ("messages-not-list", CHAT, {"model": "llama", "messages": "hi"}, 400),
     ("prompt-missing", CMPL, {"model": "llama"}, 400),
