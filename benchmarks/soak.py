@@ -244,7 +244,7 @@ def write(result: dict, argv: list[str]) -> None:
     lines = [
         "# Soak run",
         "",
-        f"`python benchmarks/soak.py{"".join(" " + a for a in argv)}` on {time.strftime('%Y-%m-%d')}, "
+        f"`python benchmarks/soak.py{''.join(' ' + a for a in argv)}` on {time.strftime('%Y-%m-%d')}, "
         f"{os.cpu_count()} CPUs, demo models {', '.join(MODELS)}.",
         "",
         f"- {result['requests']} requests from {result['clients']} clients in {result['seconds']} s",
