@@ -86,6 +86,13 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _finite(v: int | float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond float range (the offline Engine takes Python ints as they are)
+        return False
+
+
 def check_field_types(p: SamplingParams) -> None:
     """Every field of the right JSON type and finite, so nothing malformed reaches the scheduler
     (the scheduler does no type checks: a seed "abc" or a top_k 2.5 used to end its process)."""
@@ -94,7 +101,7 @@ def check_field_types(p: SamplingParams) -> None:
             raise InvalidRequestError(f"{name} must be an integer, got {getattr(p, name)!r}")
     for name in _REAL_FIELDS:
         v = getattr(p, name)
-        if not (_is_int(v) or isinstance(v, float)) or not math.isfinite(v):
+        if not (_is_int(v) or isinstance(v, float)) or not _finite(v):
             raise InvalidRequestError(f"{name} must be a finite number, got {v!r}")
     for name in _BOOL_FIELDS:
         if not isinstance(getattr(p, name), bool):
