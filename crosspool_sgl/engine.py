@@ -59,9 +59,7 @@ class Engine:
             dtype=dtype,
             attention_backend=attention_backend,
             kv_pool=KVPoolArgs(kv_pool_bytes, page_tokens, kv_chunk_bytes, kv_partition, prefix_cache),
-            scheduler=SchedulerArgs(
-                max_running_requests, chunked_prefill_size, prefill_lane=prefill_lane
-            ),
+            scheduler=SchedulerArgs(max_running_requests, chunked_prefill_size, prefill_lane=prefill_lane),
             weight_pool=WeightPoolArgs(max_resident_bytes, keep_alive_s, page_in_bytes_per_step),
             show_progress=show_progress,
             grammar=grammar or GrammarArgs(),

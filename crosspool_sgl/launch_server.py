@@ -12,9 +12,10 @@ architectures, generated locally on first run and cached.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import math
-import multiprocessing as mp
+import os
 import shutil
 import signal
 import sys
@@ -25,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from crosspool_sgl.entrypoints.children import ChildProcesses, StartupError
 from crosspool_sgl.entrypoints.sampling_flags import add_sampling_flags, grammar_args
 from crosspool_sgl.models.config import UnsupportedModelError, load_model_config
 from crosspool_sgl.server_args import (
@@ -42,10 +44,6 @@ logger = logging.getLogger("crosspool_sgl.launch_server")
 DEMO_MODELS = ("qwen3_moe", "mixtral", "llama")
 _SIZE_SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 _TIME_SUFFIX = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-class StartupError(RuntimeError):
-    """The server can't start; the message names the culprit."""
 
 
 def parse_bytes(text: str | int) -> int:
@@ -241,6 +239,48 @@ def add_process_flags(p: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     p.add_argument(
+        "--max-pending-requests-per-model",
+        dest="max_pending_per_model",
+        type=int,
+        default=None,
+        help="requests in flight per model beyond which that model's new ones get 429; besides it, a "
+        "quarter of each model's fair share of --max-pending-requests stays free for it, so a hot "
+        "model cannot fill the queue of cold ones (default: no per-model bound)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        dest="request_timeout_s",
+        type=parse_seconds,
+        default=None,
+        help="deadline of every request, queued and running, e.g. 120s; beyond it the request is "
+        "aborted and answered 504 (default: none)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but the exempt ones (401 otherwise); "
+        "also read from the CROSSPOOL_API_KEY environment variable (default: no key)",
+    )
+    p.add_argument(
+        "--api-key-exempt",
+        default="/health,/metrics",
+        help="comma-separated paths served without the API key (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=parse_bytes,
+        default=16 << 20,
+        help="largest request body, e.g. 16M; larger ones get 413 before they are parsed (default: 16M)",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        dest="shutdown_grace_s",
+        type=parse_seconds,
+        default=30.0,
+        help="on SIGTERM, seconds in-flight requests may take to finish before the server exits; "
+        "new connections are refused meanwhile (default: %(default)s)",
+    )
+    p.add_argument(
         "--openai-frontend",
         choices=["sglang", "own"],
         default="sglang",
@@ -274,11 +314,12 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
             parser.error(f"{args.config}: unknown keys {sorted(unknown)}")
         parser.set_defaults(**{k: v for k, v in cfg.items() if k in known and k not in ("model", "config")})
         args = parser.parse_args(argv)
-        for key in ("kv_pool_bytes", "kv_chunk_bytes", "max_resident_bytes"):
+        for key in ("kv_pool_bytes", "kv_chunk_bytes", "max_resident_bytes", "max_body_bytes"):
             if isinstance(getattr(args, key), str):
                 setattr(args, key, parse_bytes(getattr(args, key)))
-        if isinstance(args.keep_alive_s, str):
-            args.keep_alive_s = parse_seconds(args.keep_alive_s)
+        for key in ("keep_alive_s", "shutdown_grace_s", "request_timeout_s"):
+            if isinstance(getattr(args, key), str):
+                setattr(args, key, parse_seconds(getattr(args, key)))
     specs = config_models + [_model_flag(parser, m) for m in args.model]
     if not specs:
         from crosspool_sgl.tools.make_tiny_models import ensure_tiny_models
@@ -326,6 +367,12 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
         args.startup_timeout,
         args.openai_frontend,
         args.max_pending_requests,
+        args.max_pending_per_model,
+        args.request_timeout_s,
+        args.api_key or os.environ.get("CROSSPOOL_API_KEY") or None,
+        tuple(p.strip() for p in str(args.api_key_exempt or "").split(",") if p.strip()),
+        args.max_body_bytes,
+        args.shutdown_grace_s,
         tool_call_parser=args.tool_call_parser,
     )
 
@@ -437,72 +484,15 @@ def load_tokenizers(specs: Sequence[ModelSpec]) -> dict[str, Any]:
     return out
 
 
-class ChildProcesses:
-    """The scheduler and detokenizer processes: start, wait until ready, stop (no orphans)."""
-
-    def __init__(self, args: ServerArgs, ipc_dir: str) -> None:
-        from crosspool_sgl.managers.detokenizer_process import run_detokenizer_process
-        from crosspool_sgl.managers.scheduler_process import run_scheduler_process
-
-        self.scheduler_addr = f"ipc://{ipc_dir}/scheduler"
-        self.detokenizer_addr = f"ipc://{ipc_dir}/detokenizer"
-        self.tokenizer_addr = f"ipc://{ipc_dir}/tokenizer"
-        ctx = mp.get_context("spawn")
-        paths = {s.name: s.path for s in args.engine.models}
-        self.pipes: dict[str, Any] = {}
-        self.procs: dict[str, Any] = {}
-        for name, target, targs in (
-            ("scheduler", run_scheduler_process, (args.engine, self.scheduler_addr, self.detokenizer_addr)),
-            ("detokenizer", run_detokenizer_process, (paths, self.detokenizer_addr, self.tokenizer_addr)),
-        ):
-            reader, writer = ctx.Pipe(duplex=False)
-            kwargs = {"log_level": args.log_level}
-            if name == "scheduler":
-                kwargs["num_threads"] = args.num_threads
-            self.procs[name] = ctx.Process(
-                target=target, args=(*targs, writer), kwargs=kwargs, name=f"crosspool-{name}", daemon=True
-            )
-            self.pipes[name] = reader
-        for p in self.procs.values():
-            p.start()
-
-    def wait_ready(self, timeout_s: float) -> dict[str, Any]:
-        """Block until both children report ready; raise StartupError with the child's message if not."""
-        deadline = time.monotonic() + timeout_s
-        ready: dict[str, Any] = {}
-        while len(ready) < len(self.procs):
-            if time.monotonic() > deadline:
-                raise StartupError(
-                    f"children not ready after {timeout_s:.0f}s: waiting for {set(self.procs) - set(ready)}"
-                )
-            for name, pipe in self.pipes.items():
-                if name in ready:
-                    continue
-                if pipe.poll(0.2):
-                    msg = pipe.recv()
-                    if msg.get("status") != "ready":
-                        raise StartupError(f"{name} failed to start: {msg.get('message')}")
-                    ready[name] = msg
-                elif not self.procs[name].is_alive():
-                    raise StartupError(f"{name} process exited with code {self.procs[name].exitcode}")
-        return ready
-
-    def alive(self) -> bool:
-        return all(p.is_alive() for p in self.procs.values())
-
-    def stop(self) -> None:
-        for p in self.procs.values():
-            if p.is_alive():
-                p.terminate()
-        for p in self.procs.values():
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+FATAL_LINGER_S = 1.0  # after a child died: answer 503 (and /health unhealthy) this long, then exit
 
 
-def serve(args: ServerArgs) -> None:
-    """Check the models, start the children, serve HTTP until SIGINT/SIGTERM, stop the children."""
+def serve(args: ServerArgs) -> str | None:
+    """Check the models, start the children, serve HTTP until SIGINT/SIGTERM or a child's death, stop
+    the children. Returns why a child died (the launcher then exits non-zero), None on a clean stop.
+
+    SIGTERM drains: uvicorn stops accepting connections and lets in-flight requests finish for up to
+    --shutdown-grace seconds."""
     import uvicorn
 
     specs = args.engine.models
@@ -510,28 +500,38 @@ def serve(args: ServerArgs) -> None:
     tokenizers = load_tokenizers(specs)
     ipc_dir = tempfile.mkdtemp(prefix="crosspool-ipc-")
     children = None
+    fatal: list[str] = []
     # Until uvicorn installs its own handlers, SIGTERM must still run the cleanup below.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         children = ChildProcesses(args, ipc_dir)
         ready = children.wait_ready(args.startup_timeout_s)
-        app, models = build_app(args, configs, tokenizers, children, ready["scheduler"]["info"])
+        server: Any = None
+
+        def on_death(reason: str) -> None:
+            fatal.append(reason)
+            tm.fail_all(f"{reason}; this server is stopping")
+            asyncio.get_running_loop().call_later(FATAL_LINGER_S, setattr, server, "should_exit", True)
+
+        app, models, tm = build_app(args, configs, tokenizers, children, ready["scheduler"]["info"], on_death)
         logger.info("serving %s on http://%s:%d", ", ".join(models), args.host, args.port)
         config = uvicorn.Config(
             app,
             host=args.host,
             port=args.port,
             log_level=args.log_level,
-            timeout_graceful_shutdown=5,
+            timeout_graceful_shutdown=max(1, math.ceil(args.shutdown_grace_s)),
             timeout_keep_alive=5,
         )
-        uvicorn.Server(config).run()
+        server = uvicorn.Server(config)
+        server.run()
     except KeyboardInterrupt:
         pass
     finally:
         if children is not None:
             children.stop()
         shutil.rmtree(ipc_dir, ignore_errors=True)
+    return fatal[0] if fatal else None
 
 
 def build_app(
@@ -540,11 +540,13 @@ def build_app(
     tokenizers: dict[str, Any],
     children: ChildProcesses,
     startup_info: dict[str, Any],
-) -> tuple[Any, dict[str, Any]]:
-    """The FastAPI app over a tokenizer manager wired to the children's sockets."""
+    on_death: Callable[[str], None] = lambda reason: None,
+) -> tuple[Any, dict[str, Any], Any]:
+    """The FastAPI app over a tokenizer manager wired to the children's sockets, with a watchdog."""
     from crosspool_sgl.entrypoints.http_server import create_app
     from crosspool_sgl.entrypoints.metrics import ServerMetrics
     from crosspool_sgl.entrypoints.tool_parsers import parse_tool_call_parser_flag, resolve_tool_call_parser
+    from crosspool_sgl.entrypoints.watchdog import ChildWatchdog
     from crosspool_sgl.managers.tokenizer_manager import ModelInfo, MultiModelTokenizerManager
 
     parser_flags = parse_tool_call_parser_flag(args.tool_call_parser, [s.name for s in args.engine.models])
@@ -567,6 +569,8 @@ def build_app(
         children.tokenizer_addr,
         metrics.hooks(),
         args.max_pending_requests,
+        args.max_pending_per_model,
+        args.request_timeout_s,
     )
     started = time.time()
 
@@ -580,9 +584,20 @@ def build_app(
             "server_args": _args_dict(args),
             "uptime_s": time.time() - started,
             "startup_info": startup_info,
+            "processes": {
+                "launcher": os.getpid(),
+                **{name: p.pid for name, p in children.procs.items()},
+                "ffn_workers": list(children.ffn_pids),
+            },
         }
 
-    return create_app(tm, metrics, server_info, args.openai_frontend), models
+    watchdog = ChildWatchdog(children.probes(), on_death)
+    app = create_app(tm, metrics, server_info, args.openai_frontend, args.max_body_bytes, watchdog.start)
+    if args.api_key:
+        from crosspool_sgl.entrypoints.auth import ApiKeyMiddleware
+
+        app.add_middleware(ApiKeyMiddleware, api_key=args.api_key, exempt=args.api_key_exempt)
+    return app, models, tm
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -601,17 +616,23 @@ def _version() -> str:
 def _args_dict(args: ServerArgs) -> dict[str, Any]:
     from dataclasses import asdict
 
-    return asdict(args)
+    out = asdict(args)
+    if out.get("api_key"):
+        out["api_key"] = "<set>"  # /get_server_info must not hand the key to whoever asks
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="[server] %(asctime)s %(levelname)s %(message)s")
     try:
-        serve(args)
+        fatal = serve(args)
     except StartupError as e:
         print(f"crosspool_sgl.launch_server: error: {e}", file=sys.stderr)
         return 1
+    if fatal is not None:
+        print(f"crosspool_sgl.launch_server: error: {fatal}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -7,6 +7,11 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+# Below this a temperature divides logits into +-inf (1e-50 gave a NaN probability tensor and killed
+# the scheduler); like SGLang, such a temperature means greedy.
+_SAMPLING_EPS = 1e-6
+_MAX_SEED = 2**64  # torch.Generator.manual_seed overflows at and beyond it
+
 
 class InvalidRequestError(ValueError):
     """A request the server must reject with a 4xx (never a crash)."""
@@ -55,6 +60,7 @@ class SamplingParams:
         d["stop_token_ids"] = list(d.get("stop_token_ids") or [])
         normalize_sampling_surface(d)
         params = cls(**d)
+        check_field_types(params)
         params.verify()
         return params
 
@@ -180,3 +186,43 @@ def _parse_logit_bias(bias: Any) -> dict[int, float]:
 def sample_seed(seed: int | None, index: int) -> int | None:
     """The seed of the index-th of n choices: distinct and reproducible (seed + index)."""
     return None if seed is None else seed + index
+
+
+# ---- type and range checks (run before verify(): verify's comparisons assume these types) -------
+_INT_FIELDS = ("max_new_tokens", "top_k")
+_REAL_FIELDS = ("temperature", "top_p", "min_p")
+_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "no_stop_trim")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v: int | float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond float range (the offline Engine takes Python ints as they are)
+        return False
+
+
+def check_field_types(p: SamplingParams) -> None:
+    """Every field of the right JSON type and finite, so nothing malformed reaches the scheduler
+    (the scheduler does no type checks: a seed "abc" or a top_k 2.5 used to end its process)."""
+    for name in _INT_FIELDS:
+        if not _is_int(getattr(p, name)):
+            raise InvalidRequestError(f"{name} must be an integer, got {getattr(p, name)!r}")
+    for name in _REAL_FIELDS:
+        v = getattr(p, name)
+        if not (_is_int(v) or isinstance(v, float)) or not _finite(v):
+            raise InvalidRequestError(f"{name} must be a finite number, got {v!r}")
+    for name in _BOOL_FIELDS:
+        if not isinstance(getattr(p, name), bool):
+            raise InvalidRequestError(f"{name} must be a boolean, got {getattr(p, name)!r}")
+    if p.seed is not None and (not _is_int(p.seed) or not 0 <= p.seed < _MAX_SEED):
+        raise InvalidRequestError(f"seed must be an integer in [0, 2**64), got {p.seed!r}")
+    if not isinstance(p.stop, list) or not isinstance(p.stop_token_ids, list):
+        raise InvalidRequestError("stop and stop_token_ids must be lists")
+    if any(not _is_int(t) for t in p.stop_token_ids):
+        raise InvalidRequestError("stop_token_ids must be integers")
+    if 0 <= p.temperature < _SAMPLING_EPS:
+        p.temperature = 0.0

@@ -94,8 +94,14 @@ class ServerArgs:
     host: str = "127.0.0.1"
     port: int = 30000
     log_level: str = "info"
-    num_threads: int | None = None  # torch threads in the scheduler process; None: torch's default
+    num_threads: int | None = None  # torch threads of the scheduler thread; None: every usable core (1 + the lane)
     startup_timeout_s: float = 600.0
     openai_frontend: str = "sglang"  # "sglang": SGLang's OpenAI serving handlers; "own": ours
     max_pending_requests: int = 4096  # in flight across all models; beyond it new requests get 429
+    max_pending_per_model: int | None = None  # in flight per model; None: the total and fair share bound it
+    request_timeout_s: float | None = None  # per-request deadline (queued + running); None: none
+    api_key: str | None = None  # Bearer token every route but the exempt ones requires; None: open
+    api_key_exempt: tuple[str, ...] = ("/health", "/metrics")
+    max_body_bytes: int = 16 << 20  # larger request bodies get 413 before they are parsed
+    shutdown_grace_s: float = 30.0  # SIGTERM: how long in-flight requests may finish before exit
     tool_call_parser: str | None = None  # --tool-call-parser: PARSER or NAME=PARSER,...; None: by family

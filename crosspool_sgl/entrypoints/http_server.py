@@ -7,7 +7,6 @@ against model `name`; `RuntimeEndpoint(base)` targets the first model.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,6 +24,9 @@ from crosspool_sgl.managers.tokenizer_manager import (
     MultiModelTokenizerManager,
     RequestError,
 )
+from crosspool_sgl.managers.validation import check_num_choices
+
+DEFAULT_MAX_BODY_BYTES = 16 << 20  # larger bodies get 413 before a byte of them is parsed
 
 logger = logging.getLogger(__name__)
 
@@ -37,17 +39,38 @@ _GENERATE_FIELDS = (
 )
 
 
-def error_response(e: RequestError) -> JSONResponse:
+def error_body(message: str, err_type: str, code: int, param: str | None = None) -> dict[str, Any]:
     """OpenAI-style error body: {"error": {"message", "type", "param", "code"}}."""
-    body = {"error": {"message": e.message, "type": e.err_type, "param": e.param, "code": e.status_code}}
-    return JSONResponse(body, status_code=e.status_code)
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+
+
+def error_response(e: RequestError) -> JSONResponse:
+    body = error_body(e.message, e.err_type, e.status_code, e.param)
+    return JSONResponse(body, status_code=e.status_code, headers=e.headers or None)
+
+
+async def read_body(request: Request) -> bytes:
+    """The raw body, refused with 413 as soon as it passes the limit (Content-Length first)."""
+    limit = getattr(request.app.state, "max_body_bytes", DEFAULT_MAX_BODY_BYTES)
+    too_large = RequestError(f"request body larger than {limit} bytes", 413, "RequestTooLarge")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def read_json(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+    """The JSON object of the body; strict (orjson): no NaN/Infinity, no invalid UTF-8 or lone surrogates."""
+    raw = await read_body(request)
     try:
-        body = json.loads(raw or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        body = orjson.loads(raw or b"{}")
+    except orjson.JSONDecodeError as e:
         raise RequestError(f"malformed JSON body: {e}") from e
     if not isinstance(body, dict):
         raise RequestError("the JSON body must be an object")
@@ -58,21 +81,29 @@ def sse(data: Any) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
-def parse_generate_body(body: dict[str, Any], model: str | None) -> tuple[list[GenerateInput], bool]:
-    """SGLang's GenerateReqInput fields -> requests; returns (requests, is_single)."""
+def _prompts(body: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
+    """`text` (str or list of str) or `input_ids` (list of int or list of lists) -> prompts, is_single."""
     text, input_ids = body.get("text"), body.get("input_ids")
     if text is None and input_ids is None:
         raise RequestError("either `text` or `input_ids` is required", param="text")
     if text is not None:
-        single = isinstance(text, str)
-        prompts = [{"text": t} for t in ([text] if single else text)]
-    else:
-        single = bool(input_ids) and isinstance(input_ids[0], int)
-        prompts = [{"input_ids": ids} for ids in ([input_ids] if single else input_ids)]
-    if not prompts or any(not isinstance(p.get("text", p.get("input_ids")), str | list) for p in prompts):
-        raise RequestError(
-            "`text` must be a string or a list of strings; `input_ids` a list of ints or lists"
-        )
+        if isinstance(text, str):
+            return [{"text": text}], True
+        if isinstance(text, list) and text and all(isinstance(t, str) for t in text):
+            return [{"text": t} for t in text], False
+        raise RequestError("`text` must be a string or a non-empty list of strings", param="text")
+    if isinstance(input_ids, list) and input_ids and all(isinstance(t, int) for t in input_ids):
+        return [{"input_ids": input_ids}], True
+    if isinstance(input_ids, list) and input_ids and all(isinstance(t, list) for t in input_ids):
+        return [{"input_ids": ids} for ids in input_ids], False
+    raise RequestError(
+        "`input_ids` must be a non-empty list of integers or a list of such lists", param="input_ids"
+    )
+
+
+def parse_generate_body(body: dict[str, Any], model: str | None) -> tuple[list[GenerateInput], bool]:
+    """SGLang's GenerateReqInput fields -> requests; returns (requests, is_single)."""
+    prompts, single = _prompts(body)
     n = len(prompts)
 
     def per_item(key: str, default: Any) -> list[Any]:
@@ -84,6 +115,11 @@ def parse_generate_body(body: dict[str, Any], model: str | None) -> tuple[list[G
         return [v] * n
 
     params = per_item("sampling_params", None)
+    if any(p is not None and not isinstance(p, dict) for p in params):
+        raise RequestError(
+            "`sampling_params` must be an object (or one per prompt in a batch)", param="sampling_params"
+        )
+    check_num_choices(next((p.get("n") for p in params if p and "n" in p), None))
     fields = {k: per_item(k, None) for k in _GENERATE_FIELDS}
     reqs = []
     for i, p in enumerate(prompts):
@@ -138,14 +174,23 @@ def build_native_router(tm: MultiModelTokenizerManager, server_info: Callable[[]
     async def flush_cache(model_name: str | None = None) -> Response:
         ok = await tm.flush_cache()
         msg = "Cache flushed." if ok else "Cache not flushed: requests are running."
-        return Response(msg, status_code=200 if ok else 400)
+        return JSONResponse({"success": ok, "message": msg}, status_code=200 if ok else 400)
 
     @router.get("/health")
     async def health(model_name: str | None = None) -> Response:
         if model_name is not None:
             pick(model_name)
-        await tm.get_scheduler_info()  # the scheduler answers
-        return Response(status_code=200)
+        reason = tm.dead_reason or ("shutting down" if tm.draining else None)
+        if reason is None:
+            try:
+                await tm.get_scheduler_info()  # the scheduler answers
+            except RequestError as e:
+                reason = e.message
+            except TimeoutError:
+                reason = "the scheduler did not answer in time"
+        if reason is not None:
+            return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @router.get("/health_generate")
     async def health_generate(model_name: str | None = None) -> Response:
@@ -154,9 +199,9 @@ def build_native_router(tm: MultiModelTokenizerManager, server_info: Callable[[]
             GenerateInput(model=m, input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0})
             for m in models
         ]
-        states = tm.submit_all(objs)
+        states = await tm.submit_all(objs)
         await asyncio.wait_for(asyncio.gather(*(tm.collect(s) for s in states)), timeout=60)
-        return Response(status_code=200)
+        return JSONResponse({"status": "ok"})
 
     return router
 
@@ -173,9 +218,9 @@ async def handle_generate(
             raise RequestError(
                 "streaming a batch is not supported; send one request per prompt", param="stream"
             )
-        state = tm.submit(objs[0])
+        (state,) = await tm.submit_all(objs)
         return StreamingResponse(_native_stream(tm, state), media_type="text/event-stream")
-    states = tm.submit_all(objs)
+    states = await tm.submit_all(objs)
     results = await asyncio.gather(*(tm.collect(s, request.is_disconnected) for s in states))
     return JSONResponse(results[0] if single else list(results))
 
@@ -198,16 +243,21 @@ def create_app(
     metrics: ServerMetrics,
     server_info: Callable[[], dict],
     openai_frontend: str = "sglang",
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    on_startup: Callable[[], Any] | None = None,
 ) -> FastAPI:
     from crosspool_sgl.entrypoints.openai_api import build_openai_router
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await tm.start()
+        if on_startup is not None:
+            on_startup()  # e.g. the launcher's watchdog over the child processes
         yield
         await tm.stop()
 
     app = FastAPI(lifespan=lifespan, title="crosspool-sgl")
+    app.state.max_body_bytes = max_body_bytes
 
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, e: RequestError) -> JSONResponse:
@@ -220,6 +270,11 @@ def create_app(
     @app.exception_handler(TimeoutError)
     async def on_timeout(request: Request, e: TimeoutError) -> JSONResponse:
         return error_response(RequestError("the scheduler did not answer in time", 503, "ServiceUnavailable"))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, e: Exception) -> JSONResponse:
+        logger.exception("unexpected error on %s", request.url.path)
+        return error_response(RequestError(f"internal error: {type(e).__name__}", 500, "InternalServerError"))
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -237,4 +292,7 @@ def create_app(
 
         app.include_router(build_sglang_openai_router(tm))
     app.include_router(build_openai_router(tm))
+    from crosspool_sgl.entrypoints.schemas import install_openapi
+
+    install_openapi(app)
     return app

@@ -25,6 +25,7 @@ from sglang.srt.entrypoints.openai import protocol as oai
 
 from crosspool_sgl.entrypoints.http_server import read_json, sse
 from crosspool_sgl.managers.tokenizer_manager import GenerateInput, MultiModelTokenizerManager, RequestError
+from crosspool_sgl.managers.validation import check_num_choices
 from crosspool_sgl.sampling_params import sample_seed
 
 _DEFAULT_MAX_TOKENS = 128
@@ -145,9 +146,12 @@ def chat_prompt_ids(tm: MultiModelTokenizerManager, model: str, req: Any) -> lis
 class Choices:
     """The n choices of one OpenAI request as submitted requests; streams them as one merged feed."""
 
-    def __init__(self, tm: MultiModelTokenizerManager, objs: list[GenerateInput]) -> None:
-        self.tm = tm
-        self.states = tm.submit_all(objs)
+    def __init__(self, tm: MultiModelTokenizerManager, states: list[Any]) -> None:
+        self.tm, self.states = tm, states
+
+    @classmethod
+    async def submit(cls, tm: MultiModelTokenizerManager, objs: list[GenerateInput]) -> Choices:
+        return cls(tm, await tm.submit_all(objs))
 
     async def collect(self, request: Request) -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(self.tm.collect(s, request.is_disconnected) for s in self.states)))
@@ -181,6 +185,7 @@ def build_openai_router(tm: MultiModelTokenizerManager) -> APIRouter:
 async def handle_completions(tm: MultiModelTokenizerManager, request: Request) -> Response:
     req = validate(oai.CompletionRequest, await read_json(request))
     model = tm.resolve_model(req.model)
+    check_num_choices(req.n)
     params = sampling_params(req, req.max_tokens)
     want_lp = req.logprobs is not None
     objs = [
@@ -195,7 +200,7 @@ async def handle_completions(tm: MultiModelTokenizerManager, request: Request) -
         for p in completion_prompts(req.prompt)
         for j in range(req.n)
     ]
-    choices = Choices(tm, objs)
+    choices = await Choices.submit(tm, objs)
     rid = f"cmpl-{uuid.uuid4().hex}"
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -223,6 +228,7 @@ async def handle_completions(tm: MultiModelTokenizerManager, request: Request) -
 async def handle_chat_completions(tm: MultiModelTokenizerManager, request: Request) -> Response:
     req = validate(oai.ChatCompletionRequest, await read_json(request))
     model = tm.resolve_model(req.model)
+    check_num_choices(req.n)
     ids = chat_prompt_ids(tm, model, req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(req, max_tokens)
@@ -238,7 +244,7 @@ async def handle_chat_completions(tm: MultiModelTokenizerManager, request: Reque
         )
         for j in range(req.n or 1)
     ]
-    choices = Choices(tm, objs)
+    choices = await Choices.submit(tm, objs)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -166,32 +166,59 @@ class ModelFrontend:
 
     async def generate_request(self, obj: Any, request: Request | None = None) -> AsyncIterator[Any]:
         """SGLang's contract: single -> cumulative dicts (only the final one unless streaming);
-        batch (several prompts or n > 1) -> one list, or streamed dicts carrying `index`."""
+        batch (several prompts or n > 1) -> one list, or streamed dicts carrying `index`.
+
+        It always yields at least once: when the client leaves before the first output, SGLang's
+        streaming completion handler reads the last `content` it got and raised UnboundLocalError
+        on none; we yield the (aborted) state instead, which it formats for a client that is gone."""
         obj.normalize_batch_and_arguments()
         is_disconnected = request.is_disconnected if request is not None else None
         try:
-            states = self.tm.submit_all(self._inputs(obj))
+            states = await self.tm.submit_all(self._inputs(obj))
         except RequestError as e:
             raise _to_request_error(e) from e
         stream = bool(obj.stream)
+        yielded = False
         try:
             if len(states) == 1 and obj.is_single:
                 final = None
                 async for result in self.tm.wait_for(states[0], is_disconnected):
                     final = self._shape(result)
                     if stream:
+                        yielded = True
                         yield final
                 if not stream and final is not None:
+                    yielded = True
                     yield final
             elif not stream:
                 results = await asyncio.gather(*(self.tm.collect(s, is_disconnected) for s in states))
-                yield [self._shape(r) for r in results]
+                if all(results):
+                    yielded = True
+                    yield [self._shape(r) for r in results]
             else:
                 async for index, result in self.tm.merge_streams(states):
                     result["index"] = index
+                    yielded = True
                     yield self._shape(result)
         except RequestError as e:
             raise _to_request_error(e) from e
+        if not yielded:  # the client went away before any output
+            yield self._aborted(states, obj)
+
+    def _aborted(self, states: list[Any], obj: Any) -> Any:
+        """A final, gracefully aborted result for each request (no status code: nothing to report)."""
+        out = []
+        for i, s in enumerate(states):
+            meta = {
+                "id": s.obj.rid,
+                "finish_reason": {"type": "abort", "message": "client disconnected"},
+                "prompt_tokens": len(s.prompt_ids),
+                "completion_tokens": len(s.output_ids),
+                "cached_tokens": 0,
+            }
+            r = self._shape({"text": s.text, "output_ids": list(s.output_ids), "meta_info": meta})
+            out.append({**r, "index": i} if obj.stream else r)
+        return out[0] if len(out) == 1 and (obj.is_single or obj.stream) else out
 
 
 def _openai_error_body(cls: type) -> type:
@@ -208,7 +235,8 @@ def _openai_error_body(cls: type) -> type:
         from fastapi.responses import ORJSONResponse
 
         error = {"message": message, "type": err_type, "param": param, "code": status_code}
-        return ORJSONResponse({"error": error}, status_code=status_code)
+        headers = {"Retry-After": "1"} if status_code == 429 else None  # the queue bound is full
+        return ORJSONResponse({"error": error}, status_code=status_code, headers=headers)
 
     return type(cls.__name__, (cls,), {"create_error_response": create_error_response})
 
@@ -240,6 +268,7 @@ def build_sglang_openai_router(tm: MultiModelTokenizerManager) -> APIRouter:
 
     from crosspool_sgl.entrypoints.http_server import read_json
     from crosspool_sgl.entrypoints.openai_api import validate
+    from crosspool_sgl.managers.validation import check_num_choices
 
     handlers = SGLangOpenAIHandlers(tm)
     router = APIRouter()
@@ -247,6 +276,7 @@ def build_sglang_openai_router(tm: MultiModelTokenizerManager) -> APIRouter:
     async def serve(table: dict[str, Any], model_cls: type, request: Request) -> Response:
         req = validate(model_cls, await read_json(request))
         model = tm.resolve_model(req.model)
+        check_num_choices(req.n)
         req.model = model
         refused = tools_error(
             model,

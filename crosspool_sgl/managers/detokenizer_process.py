@@ -40,7 +40,17 @@ class MultiModelDetokenizer:
         self.states: dict[str, DecodeState] = {}
 
     def handle_batch(self, batch: BatchTokenIDOutput) -> BatchStrOutput:
-        return BatchStrOutput([self.handle_one(o, batch.hints.get(o.rid)) for o in batch.outputs])
+        return BatchStrOutput([self.handle_one_safely(o, batch.hints.get(o.rid)) for o in batch.outputs])
+
+    def handle_one_safely(self, out: ReqOutput, hints: DetokenizeHints | None) -> StrOutput:
+        """A failure to decode one request's tokens finishes that request with a 500, nothing else."""
+        try:
+            return self.handle_one(out, hints)
+        except Exception as e:
+            logger.exception("detokenizing %s failed", out.rid)
+            self.states.pop(out.rid, None)
+            reason = {"type": "abort", "message": f"detokenization failed: {e}", "status_code": 500}
+            return StrOutput(out.rid, out.model, "", [], [], [], True, reason, out.prompt_tokens, 0)
 
     def handle_one(self, out: ReqOutput, hints: DetokenizeHints | None) -> StrOutput:
         state = self.states.get(out.rid)
@@ -112,5 +122,8 @@ def run_detokenizer_process(
             if parent is not None and not parent.is_alive():
                 return
             continue
-        msg = receiver.recv_pyobj()
-        sender.send_pyobj(detok.handle_batch(msg) if isinstance(msg, BatchTokenIDOutput) else msg)
+        try:
+            msg = receiver.recv_pyobj()
+            sender.send_pyobj(detok.handle_batch(msg) if isinstance(msg, BatchTokenIDOutput) else msg)
+        except Exception:  # one bad message must not end the process every model depends on
+            logger.exception("failed to forward a message")

@@ -541,3 +541,33 @@ class MultiModelScheduler:
                 num_retractions=req.num_retractions,
             )
         )
+
+    # ---- failures: the server process turns an exception into errors of the requests it hit ----
+    def fail_request(self, rid: str, message: str, status_code: int = 500) -> bool:
+        """Finish one request with an error (its client gets `status_code`); True if it was found."""
+        for req in list(self.waiting) + self.running:
+            if req.rid == rid:
+                self._fail(req, message, status_code)
+                return True
+        return False
+
+    def fail_step(self, message: str, status_code: int = 500) -> list[ReqOutput]:
+        """After `step()` raised: fail that step's batch (the running requests; the waiting ones when
+        none ran, since then admission itself raised), free their pages, return all pending outputs."""
+        victims = list(self.running) or list(self.waiting)
+        for req in victims:
+            self._fail(req, message, status_code)
+        out, self._outputs = self._outputs, []
+        return out
+
+    def _fail(self, req: Req, message: str, status_code: int) -> None:
+        reason = {"type": "abort", "message": message, "status_code": status_code}
+        try:
+            self._finish(req, reason)
+        except Exception:  # its state is broken: drop it from the queues even if pages stay behind
+            logger.exception("could not release %s cleanly", req.rid)
+            req.finish(reason)
+            for queue in (self.running, self.waiting):
+                if req in queue:
+                    queue.remove(req)
+            self._emit(req, 0)

@@ -59,11 +59,43 @@ class SchedulerServer:
         parent = mp.parent_process()
         while not self.stopping:
             for msg in self.recv_all(block=not self.scheduler.has_work()):
-                self.dispatch[type(msg)](msg)
-            self.send_outputs(self.scheduler.step())  # also polls weights residency, idle or not
+                self.handle(msg)
+            self.send_outputs(self.safe_step())  # also polls weights residency, idle or not
             if parent is not None and not parent.is_alive():
                 logger.warning("parent process is gone; scheduler exits")
                 return
+
+    def handle(self, msg: Any) -> None:
+        """One message; an exception is that message's error (its request fails), never the loop's."""
+        handler = self.dispatch.get(type(msg))
+        if handler is None:
+            logger.error("dropped a message of unknown type %s", type(msg).__name__)
+            return
+        try:
+            handler(msg)
+        except Exception as e:
+            rid = getattr(msg, "rid", None)
+            logger.exception("failed to handle %s (request %s)", type(msg).__name__, rid)
+            if isinstance(msg, TokenizedGenerateReqInput):
+                self.fail_new_request(msg, f"internal error: {type(e).__name__}: {e}", 500)
+
+    def safe_step(self) -> list[ReqOutput]:
+        """One scheduler step; if it raises, the requests of its batch get a 500 and the loop goes on."""
+        try:
+            return self.scheduler.step()
+        except Exception as e:
+            rids = [r.rid for r in self.scheduler.running] or [r.rid for r in self.scheduler.waiting]
+            logger.exception("scheduler step failed; failing its batch: %s", ", ".join(rids))
+            return self.scheduler.fail_step(
+                f"internal error while running the batch: {type(e).__name__}: {e}"
+            )
+
+    def fail_new_request(self, msg: TokenizedGenerateReqInput, message: str, status_code: int) -> None:
+        """Answer a request the scheduler did not (or only partly) take with an error output."""
+        if self.scheduler.fail_request(msg.rid, message, status_code):
+            return  # it was queued: the scheduler emits its error with the next outputs
+        reason = {"type": "abort", "message": message, "status_code": status_code}
+        self.send_outputs([ReqOutput(msg.rid, msg.model, [], [], [], True, reason, len(msg.input_ids), 0)])
 
     def recv_all(self, block: bool) -> list[Any]:
         msgs = []
@@ -98,11 +130,9 @@ class SchedulerServer:
                 msg.top_logprobs_num,
             )
             self.scheduler.add_request(req)
-        except (InvalidRequestError, TypeError) as e:
-            reason = {"type": "abort", "message": str(e), "status_code": 400}
-            self.send_outputs(
-                [ReqOutput(msg.rid, msg.model, [], [], [], True, reason, len(msg.input_ids), 0)]
-            )
+        except (InvalidRequestError, TypeError, ValueError) as e:
+            logger.info("rejected %s: %s", msg.rid, e)
+            self.fail_new_request(msg, str(e), 400)
             return
         self.hints[msg.rid] = DetokenizeHints(params.skip_special_tokens, params.no_stop_trim)
 
@@ -169,6 +199,12 @@ def _prefix_cache_info(sched: Any, models: list[str]) -> dict[str, Any]:
     }
 
 
+def _ffn_pids(runtime: Runtime) -> list[int]:
+    """The FFN worker processes (disaggregated mode), for the launcher's watchdog."""
+    ffn = getattr(runtime.scheduler.runner, "ffn", None)
+    return [p.pid for p in getattr(ffn, "procs", [])]
+
+
 def run_scheduler_process(
     engine_args: EngineArgs,
     recv_addr: str,
@@ -193,6 +229,8 @@ def run_scheduler_process(
         pipe_writer.send({"status": "error", "message": f"{type(e).__name__}: {e}"})
         raise SystemExit(1) from e
     signal.signal(signal.SIGTERM, lambda *_: setattr(server, "stopping", True))
-    pipe_writer.send({"status": "ready", "info": scheduler_info(runtime)})
+    pipe_writer.send(
+        {"status": "ready", "info": scheduler_info(runtime), "ffn_worker_pids": _ffn_pids(runtime)}
+    )
     with torch.inference_mode():
         server.event_loop()

@@ -31,6 +31,8 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from crosspool_sgl.managers.admission import QueueBounds
+from crosspool_sgl.managers.errors import RequestError, unavailable
 from crosspool_sgl.managers.io_struct import (
     AbortReq,
     BatchStrOutput,
@@ -41,23 +43,17 @@ from crosspool_sgl.managers.io_struct import (
     StrOutput,
     TokenizedGenerateReqInput,
 )
-from crosspool_sgl.sampling_params import InvalidRequestError, SamplingParams
+from crosspool_sgl.managers.validation import check_prompt, check_request
+from crosspool_sgl.sampling_params import SamplingParams
+
+__all__ = ["GenerateInput", "ModelInfo", "MultiModelTokenizerManager", "RequestError"]
+
+# Texts longer than this are tokenised in a worker thread: the event loop serves every model, and a
+# 50 MB prompt tokenised on it stalled /health for over a minute.
+_TOKENIZE_INLINE_CHARS = 4096
+_DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 
 logger = logging.getLogger(__name__)
-
-
-class RequestError(Exception):
-    """A client error with its HTTP status, rendered as an OpenAI-style error body."""
-
-    def __init__(
-        self,
-        message: str,
-        status_code: int = 400,
-        err_type: str = "BadRequestError",
-        param: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message, self.status_code, self.err_type, self.param = message, status_code, err_type, param
 
 
 @dataclass
@@ -103,6 +99,7 @@ class ReqState:
     input_top_logprobs: list | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     last_token_time: float | None = None
+    error: RequestError | None = None  # set when the engine failed it (e.g. a child process died)
 
 
 @dataclass
@@ -124,15 +121,21 @@ class MultiModelTokenizerManager:
         recv_addr: str,
         metrics: MetricsHooks | None = None,
         max_pending_requests: int = 4096,
+        max_pending_per_model: int | None = None,
+        request_timeout_s: float | None = None,
     ) -> None:
         self.models = models
-        self.max_pending_requests = max_pending_requests
+        self.bounds = QueueBounds(max_pending_requests, max_pending_per_model)
+        self.request_timeout_s = request_timeout_s
         self.tokenizers = tokenizers
         self.send_addr, self.recv_addr = send_addr, recv_addr
         self.metrics = metrics or MetricsHooks()
         self.rid_to_state: dict[str, ReqState] = {}
         self.control_futures: dict[str, asyncio.Future] = {}
         self._ids = itertools.count()
+        self._token_chars: dict[str, int] = {}
+        self.dead_reason: str | None = None  # set by the watchdog: every request answers 503
+        self.draining = False  # SIGTERM: new requests answer 503, in-flight ones finish
         self.dispatch = {
             BatchStrOutput: self.handle_batch_str_output,
             SchedulerInfoReqOutput: self.handle_control_output,
@@ -167,6 +170,8 @@ class MultiModelTokenizerManager:
     # ---- generation ---------------------------------------------------------------------
     def resolve_model(self, name: str | None) -> str:
         name = name or self.default_model
+        if not isinstance(name, str):
+            raise RequestError("`model` must be a string", param="model")
         if name not in self.models:
             raise RequestError(
                 f"The model `{name}` does not exist. Hosted models: {', '.join(self.models)}",
@@ -176,41 +181,53 @@ class MultiModelTokenizerManager:
             )
         return name
 
-    def tokenize(self, obj: GenerateInput) -> list[int]:
-        if obj.input_ids is not None:
-            ids = list(obj.input_ids)
-        elif obj.text is not None:
-            ids = self.tokenizers[obj.model].encode(obj.text)
-        else:
-            raise RequestError("either `text` or `input_ids` is required", param="text")
+    def prepare(self, obj: GenerateInput) -> tuple[SamplingParams, list[int]]:
+        """Check every field and tokenise (no I/O); raises RequestError. Safe to run in a thread."""
         info = self.models[obj.model]
-        if not ids:
-            raise RequestError("the prompt is empty", param="prompt")
-        if len(ids) >= info.context_len:
+        params = check_request(obj, info.vocab_size)
+        ids = list(obj.input_ids) if obj.input_ids is not None else self._encode(obj)
+        check_prompt(ids, params, info.context_len, info.vocab_size, obj.model)
+        return params, ids
+
+    def _encode(self, obj: GenerateInput) -> list[int]:
+        info = self.models[obj.model]
+        if len(obj.text) > info.context_len * self._max_token_chars(obj.model) * 2:
+            # No tokenisation can fit this in the context (a 50 MB prompt took ~60 s to refuse): say so now.
             raise RequestError(
-                f"This model's maximum context length is {info.context_len} tokens, "
-                f"but the prompt has {len(ids)} tokens (model {obj.model!r})",
+                f"This model's maximum context length is {info.context_len} tokens; a prompt of "
+                f"{len(obj.text)} characters cannot fit it (model {obj.model!r})",
                 param="prompt",
             )
-        if any(not isinstance(t, int) or t < 0 or t >= info.vocab_size for t in ids):
-            raise RequestError(f"input_ids must be integers in [0, {info.vocab_size})", param="input_ids")
-        return ids
+        try:
+            return self.tokenizers[obj.model].encode(obj.text)
+        except Exception as e:  # the tokenizer's own refusal is the client's error, not ours
+            raise RequestError(f"the prompt cannot be tokenised: {e}", param="prompt") from e
 
-    def submit(self, obj: GenerateInput) -> ReqState:
+    def _max_token_chars(self, model: str) -> int:
+        """Longest vocabulary entry in characters: a prompt has at least len(text) / this many tokens."""
+        if model not in self._token_chars:
+            vocab = getattr(self.tokenizers[model], "get_vocab", dict)()
+            self._token_chars[model] = max(16, max(map(len, vocab), default=0))
+        return self._token_chars[model]
+
+    def check_admission(self, model: str, num_new: int) -> None:
+        """Refuse before anything is tokenised or sent: 503 when down, 400/429 beyond a queue bound."""
+        if self.dead_reason is not None:
+            raise unavailable(self.dead_reason)
+        if self.draining:
+            raise unavailable("the server is shutting down")
+        in_flight: dict[str, int] = dict.fromkeys(self.models, 0)
+        for state in self.rid_to_state.values():
+            in_flight[state.obj.model] += 1
+        self.bounds.check(model, num_new, in_flight, list(self.models))
+
+    def submit(
+        self, obj: GenerateInput, prepared: tuple[SamplingParams, list[int]] | None = None
+    ) -> ReqState:
         """Validate, tokenize and send one request; raises RequestError before anything is sent."""
         obj.model = self.resolve_model(obj.model)
-        if len(self.rid_to_state) >= self.max_pending_requests:
-            raise RequestError(
-                f"server overloaded: {len(self.rid_to_state)} requests in flight "
-                f"(--max-pending-requests {self.max_pending_requests}); retry later",
-                status_code=429,
-                err_type="TooManyRequests",
-            )
-        try:
-            SamplingParams.from_dict(obj.sampling_params)
-        except (InvalidRequestError, TypeError) as e:
-            raise RequestError(str(e), param="sampling_params") from e
-        ids = self.tokenize(obj)
+        self.check_admission(obj.model, 1)
+        _, ids = prepared or self.prepare(obj)
         obj.rid = obj.rid or f"{uuid.uuid4().hex}-{next(self._ids)}"
         if obj.rid in self.rid_to_state:
             raise RequestError(f"duplicate request id {obj.rid!r}", param="rid")
@@ -233,27 +250,74 @@ class MultiModelTokenizerManager:
         self.metrics.on_request(obj.model)
         return state
 
+    async def submit_all(self, objs: list[GenerateInput]) -> list[ReqState]:
+        """Check, tokenise (long texts off the event loop) and send a batch; all or nothing."""
+        if not objs:
+            raise RequestError("the request asks for no generation", param="n")
+        for obj in objs:
+            obj.model = self.resolve_model(obj.model)
+        model = objs[0].model  # one request's generations are of one model
+        self.check_admission(model, len(objs))
+        prepared: dict[int, tuple[SamplingParams, list[int]]] = {}
+        for i, obj in enumerate(objs):
+            if isinstance(obj.text, str) and obj.input_ids is None and len(obj.text) > _TOKENIZE_INLINE_CHARS:
+                prepared[i] = await asyncio.to_thread(self.prepare, obj)
+            else:
+                prepared[i] = self.prepare(obj)
+        self.check_admission(model, len(objs))  # again: others may have been admitted while we tokenised
+        states: list[ReqState] = []
+        try:
+            for i, obj in enumerate(objs):
+                states.append(self.submit(obj, prepared[i]))
+        except RequestError:
+            for s in states:
+                self.abort_request(s.obj.rid)
+            raise
+        return states
+
     async def generate_request(
         self, obj: GenerateInput, is_disconnected: Callable | None = None
     ) -> AsyncIterator[dict[str, Any]]:
         """Submit one request and yield its cumulative results (see `wait_for`)."""
-        state = self.submit(obj)
+        (state,) = await self.submit_all([obj])
         async for result in self.wait_for(state, is_disconnected):
             yield result
 
     async def wait_for(
         self, state: ReqState, is_disconnected: Callable | None = None
     ) -> AsyncIterator[dict[str, Any]]:
-        """Yield cumulative SGLang-shaped results until the request finishes; abort it if we stop early."""
+        """Yield cumulative SGLang-shaped results until the request finishes; abort it if we stop early.
+
+        The client is polled every `_DISCONNECT_POLL_S` whether or not tokens arrive: a non-streaming
+        request whose client left used to run to max_tokens, because outputs kept the poll from firing.
+        """
         rid = state.obj.rid
+        last_poll = time.monotonic()
         try:
             while True:
                 try:
-                    await asyncio.wait_for(state.event.wait(), timeout=1.0)
+                    await asyncio.wait_for(state.event.wait(), timeout=_DISCONNECT_POLL_S)
                 except TimeoutError:
-                    if is_disconnected is not None and await is_disconnected():
+                    pass
+                if is_disconnected is not None and time.monotonic() - last_poll >= _DISCONNECT_POLL_S:
+                    last_poll = time.monotonic()
+                    if await is_disconnected():
                         logger.info("client disconnected; abort %s", rid)
                         return
+                if state.error is not None:
+                    state.finished = True  # nothing to abort: the engine side is gone
+                    raise state.error
+                if (
+                    self.request_timeout_s is not None
+                    and time.monotonic() - state.created > self.request_timeout_s
+                ):
+                    raise RequestError(
+                        f"request {rid} exceeded its deadline of {self.request_timeout_s:g} s "
+                        "(--request-timeout); aborted",
+                        504,
+                        "TimeoutError",
+                    )
+                if not state.event.is_set():
                     continue
                 state.event.clear()
                 outs, state.pending = state.pending, []
@@ -304,17 +368,16 @@ class MultiModelTokenizerManager:
             for t in tasks:
                 t.cancel()
 
-    def submit_all(self, objs: list[GenerateInput]) -> list[ReqState]:
-        """Submit a batch atomically: if one is invalid, the ones already sent are aborted."""
-        states: list[ReqState] = []
-        try:
-            for obj in objs:
-                states.append(self.submit(obj))
-        except RequestError:
-            for s in states:
-                self.abort_request(s.obj.rid)
-            raise
-        return states
+    def fail_all(self, message: str) -> None:
+        """The engine is gone (a child process died): every in-flight and later request gets 503 now."""
+        self.dead_reason = message
+        err = unavailable(message)
+        for state in list(self.rid_to_state.values()):
+            state.error = err
+            state.event.set()
+        for fut in self.control_futures.values():
+            if not fut.done():
+                fut.set_exception(unavailable(message))
 
     def abort_request(self, rid: str) -> None:
         if self.rid_to_state.pop(rid, None) is not None:
@@ -387,6 +450,8 @@ class MultiModelTokenizerManager:
 
     # ---- control ------------------------------------------------------------------------
     async def control(self, msg_type: type, timeout: float = 10.0) -> Any:
+        if self.dead_reason is not None:
+            raise unavailable(self.dead_reason)
         req_id = uuid.uuid4().hex
         fut = asyncio.get_running_loop().create_future()
         self.control_futures[req_id] = fut
