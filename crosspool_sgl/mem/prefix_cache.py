@@ -12,7 +12,7 @@ order the KV planner prescribes (idle models first).
 
 Cost: nothing here scans the cache. Per model it keeps counts of cached and
 evictable (refs == 0) nodes, updated on each refs 0 <-> 1 transition, and the
-evictable leaves in a min-heap keyed by (last use, deeper first, id) with lazy
+evictable leaves in a min-heap keyed by (last use, creation order) with lazy
 invalidation, so `evictable_pages` / `cached_pages` are O(1) and
 `evict(model, k)` is O(k log n).
 """
@@ -37,7 +37,6 @@ class PrefixNode:
     num_children: int = 0
     last_used: float = field(default_factory=time.monotonic)
     node_id: int = 0
-    depth: int = 0  # pages from the root (1 for a first page): ties in LRU evict deeper first
 
 
 @dataclass
@@ -47,8 +46,8 @@ class _ModelCache:
     cached: int = 0
     evictable: int = 0  # nodes with refs == 0 (all of them can be evicted, leaves first)
     leaves: set[PrefixNode] = field(default_factory=set)  # refs == 0 and no children
-    # (last_used, -depth, node_id, push seq, node): a superset of `leaves` (lazy invalidation)
-    heap: list[tuple[float, int, int, int, PrefixNode]] = field(default_factory=list)
+    # (last_used, node_id, push seq, node): a superset of `leaves` (lazy invalidation)
+    heap: list[tuple[float, int, int, PrefixNode]] = field(default_factory=list)
 
 
 class PrefixCache:
@@ -117,9 +116,7 @@ class PrefixCache:
                 self._requeue(existing)
                 parent = existing
                 continue
-            node = PrefixNode(
-                model, pages[i], key, parent, last_used=now, node_id=next(self._ids), depth=i + 1
-            )
+            node = PrefixNode(model, pages[i], key, parent, last_used=now, node_id=next(self._ids))
             if parent is not None:
                 parent.num_children += 1
                 self._models[model].leaves.discard(parent)  # its heap entries go stale
@@ -145,24 +142,34 @@ class PrefixCache:
         return mc.cached if mc else 0
 
     def evict(self, model: str, num_pages: int) -> int:
-        """Free up to `num_pages` unreferenced pages of `model`, leaves first, LRU; returns pages freed."""
+        """Free up to `num_pages` unreferenced pages of `model`, leaves first, LRU; returns pages freed.
+
+        In rounds: the least recently used of the current leaves go first (ties: the older
+        node); a parent they leave childless is a candidate from the next round on.
+        """
         mc = self._models.get(model)
         freed: list[int] = []
-        while mc is not None and mc.heap and len(freed) < num_pages:
-            last_used, _, _, _, node = heapq.heappop(mc.heap)
-            if node not in mc.leaves or node.last_used != last_used or node.num_children:
-                continue  # stale entry
-            mc.leaves.remove(node)
-            del self.nodes[node.key]
-            mc.cached -= 1
-            mc.evictable -= 1
-            self._evictable -= 1
-            parent = node.parent
-            if parent is not None:
-                parent.num_children -= 1
-                if parent.refs == 0 and parent.num_children == 0:
-                    self._push_leaf(mc, parent)
-            freed.append(node.page)
+        while mc is not None and len(freed) < num_pages:
+            exposed: list[PrefixNode] = []  # parents left childless: leaves of the next round
+            while mc.heap and len(freed) < num_pages:
+                last_used, _, _, node = heapq.heappop(mc.heap)
+                if node not in mc.leaves or node.last_used != last_used or node.num_children:
+                    continue  # stale entry
+                mc.leaves.remove(node)
+                del self.nodes[node.key]
+                mc.cached -= 1
+                mc.evictable -= 1
+                self._evictable -= 1
+                parent = node.parent
+                if parent is not None:
+                    parent.num_children -= 1
+                    if parent.refs == 0 and parent.num_children == 0:
+                        exposed.append(parent)
+                freed.append(node.page)
+            if not exposed:
+                break
+            for parent in exposed:
+                self._push_leaf(mc, parent)
         if freed:
             self.pool.free(model, freed)
         return len(freed)
@@ -197,7 +204,7 @@ class PrefixCache:
 
     def _push_leaf(self, mc: _ModelCache, node: PrefixNode) -> None:
         mc.leaves.add(node)
-        heapq.heappush(mc.heap, (node.last_used, -node.depth, node.node_id, next(self._seq), node))
+        heapq.heappush(mc.heap, (node.last_used, node.node_id, next(self._seq), node))
         if len(mc.heap) > 2 * len(mc.leaves) + 64:  # stale entries dominate: rebuild
-            mc.heap[:] = [(n.last_used, -n.depth, n.node_id, next(self._seq), n) for n in mc.leaves]
+            mc.heap[:] = [(n.last_used, n.node_id, next(self._seq), n) for n in mc.leaves]
             heapq.heapify(mc.heap)
