@@ -13,9 +13,11 @@ does; only the model runner is a stub that returns a token for every request
 whose prompt completes. Its time is subtracted: overhead = step wall time -
 stub time.
 
-`--base REF` also times the code of git REF (extracted with `git archive` into
-a temporary directory, nothing in the checkout changes), interleaved with this
-checkout's code, `--repeats` times (ABAB...), one subprocess per run. The
+`--base REF` also times the code of git REF (default: `git merge-base HEAD main`,
+where this checkout left main, so only this branch's changes are compared;
+extracted with `git archive` into a temporary directory, nothing in the
+checkout changes), interleaved with this checkout's code, `--repeats` times
+(ABAB...), one subprocess per run. The
 table shows the 1-minute load average and CPU utilisation (this process, and
 the whole machine from /proc/stat) beside every run.
 
@@ -368,7 +370,11 @@ def render(runs: list[dict], summary: list[dict], meta: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base", default="main", help="git ref timed as 'before' ('' to skip)")
+    p.add_argument(
+        "--base",
+        default="merge-base",
+        help="git ref timed as 'before'; default: where this checkout left main ('' to skip)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=120, help="timed steps per case and run")
     p.add_argument("--pages-per-view", type=int, default=50_000)
@@ -384,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sched_overhead_") as tmp:
         versions: dict[str, tuple[Path, str]] = {}
+        if args.base == "merge-base":
+            args.base = subprocess.check_output(
+                ["git", "-C", str(ROOT), "merge-base", "HEAD", "main"], text=True
+            ).strip()
         if args.base:
             versions["before"] = (Path(tmp), extract(args.base, Path(tmp)))
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
