@@ -22,7 +22,9 @@ PT = tokens per page, Hkv = KV heads (1 for MLA), D = head dim (latent width for
 
 from __future__ import annotations
 
+import heapq
 import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -77,7 +79,13 @@ class KVGeometry:
 
 @dataclass
 class _ModelView:
-    """Bookkeeping for one model's view of the arena (private to KVPool)."""
+    """Bookkeeping for one model's view of the arena (private to KVPool).
+
+    Every structure here is touched only by the pages and chunks an operation moves, never
+    scanned whole: the free pages sit in a min-heap with lazy deletion (`free_pages` is the
+    truth, `free_heap` may hold stale ids), and the free chunks next to an owned chunk (the
+    preferred next claim) in a set with its own lazy min-heap.
+    """
 
     name: str
     geometry: KVGeometry
@@ -87,6 +95,9 @@ class _ModelView:
     used_pages: set[int] = field(default_factory=set)
     owned_chunks: set[int] = field(default_factory=set)
     chunk_use: dict[int, int] = field(default_factory=dict)  # chunk -> used pages touching it
+    free_heap: list[int] = field(default_factory=list)  # superset of free_pages (lazy deletion)
+    neighbours: set[int] = field(default_factory=set)  # free chunks adjacent to an owned chunk
+    neighbour_heap: list[int] = field(default_factory=list)  # superset of neighbours (lazy)
 
 
 @dataclass(frozen=True)
@@ -133,7 +144,10 @@ class KVPool:
         self.backing = backing or create_backing(self.total_bytes, chunk_bytes, self.device)
         self.arena = self.backing.tensor
         self.free_chunks: set[int] = set(range(self.num_chunks))
+        self._free_chunk_heap: list[int] = list(range(self.num_chunks))  # superset (lazy deletion)
+        self._owner: list[_ModelView | None] = [None] * self.num_chunks  # chunk -> owning view
         self.views: dict[str, _ModelView] = {}
+        self._owned_counts = _OwnedCounts(self.views)  # live chunks-per-model, no copy per claim
         self.planner: KVPlanner | None = None  # floors/ceilings; None = first come, first served
         self.num_grants: dict[str, int] = {}  # chunks granted per model, for /metrics
 
@@ -167,8 +181,9 @@ class KVPool:
         return page_budget(self).try_take(model, num_pages)
 
     def alloc(self, model: str, num_pages: int, privileged: bool = False) -> list[int] | None:
-        """Take `num_pages` pages for `model`, or None (nothing taken) when the arena is full
-        (`privileged`: see `KVPlanner.may_claim`)."""
+        """Take `num_pages` pages for `model` (its lowest free ids), or None (nothing taken) when
+        the arena is full (`privileged`: see `KVPlanner.may_claim`). Cost: O(num_pages log F) plus
+        O(chunk pages) per chunk claimed."""
         view = self.views[model]
         claimed: list[int] = []
         while len(view.free_pages) < num_pages:
@@ -188,29 +203,29 @@ class KVPool:
                 len(view.owned_chunks),
                 len(self.free_chunks),
             )
-        pages = sorted(view.free_pages)[:num_pages]
+        pages = _pop_lowest(view.free_heap, view.free_pages, num_pages)
+        use = view.chunk_use
         for p in pages:
-            view.free_pages.remove(p)
             view.used_pages.add(p)
             for c in self._chunks_of(view, p):
-                view.chunk_use[c] = view.chunk_use.get(c, 0) + 1
+                use[c] = use.get(c, 0) + 1
         return pages
 
     def free(self, model: str, pages: list[int]) -> None:
         """Return pages; chunks no longer touched by a used page go back to the arena."""
         view = self.views[model]
-        emptied: set[int] = set()
+        emptied: list[int] = []
         for p in pages:
             if p not in view.used_pages:
                 raise ValueError(f"model {model!r}: page {p} is not allocated (double free?)")
             view.used_pages.remove(p)
-            view.free_pages.add(p)
+            _push_free(view, p)
             for c in self._chunks_of(view, p):
                 view.chunk_use[c] -= 1
                 if view.chunk_use[c] == 0:
-                    emptied.add(c)
+                    emptied.append(c)
         for c in emptied:
-            if view.chunk_use.get(c, 0) == 0:
+            if view.chunk_use.get(c, 0) == 0 and self._owner[c] is view:
                 self._release_chunk(view, c)
 
     # ---- queries ------------------------------------------------------------------------
@@ -242,32 +257,101 @@ class KVPool:
         return range(first, last + 1)
 
     def owned_chunks(self) -> dict[str, int]:
+        """Chunks owned per model (a fresh dict; O(models))."""
         return {m: len(v.owned_chunks) for m, v in self.views.items()}
 
     def _claim_chunk(self, view: _ModelView, privileged: bool = False) -> int | None:
-        """Own one more chunk, preferring a neighbour of an owned one (fewer straddling pages lost)."""
+        """Own one more chunk: the lowest free neighbour of an owned one (fewer straddling pages
+        lost), else the lowest free chunk. O(log chunks) plus the pages of the chunk."""
         if not self.free_chunks:
             return None
         if self.planner is not None:
-            if not self.planner.may_claim(view.name, self.owned_chunks(), len(self.free_chunks), privileged):
+            if not self.planner.may_claim(view.name, self._owned_counts, len(self.free_chunks), privileged):
                 return None
-        neighbours = [c for o in view.owned_chunks for c in (o - 1, o + 1) if c in self.free_chunks]
-        chunk = min(neighbours) if neighbours else min(self.free_chunks)
+        chunk = _peek_lowest(view.neighbour_heap, view.neighbours)
+        if chunk is None:
+            chunk = _peek_lowest(self._free_chunk_heap, self.free_chunks)
         self.backing.map(chunk)
         self.free_chunks.remove(chunk)
+        self._owner[chunk] = view
         view.owned_chunks.add(chunk)
+        for side in self._adjacent(chunk):  # `chunk` is no longer a free neighbour of anyone
+            owner = self._owner[side]
+            if owner is not None:
+                owner.neighbours.discard(chunk)
+            elif side not in view.neighbours:
+                _add_lazy(view.neighbour_heap, view.neighbours, side)
         for p in self._pages_touching(view, chunk):
-            if p not in view.used_pages and all(c in view.owned_chunks for c in self._chunks_of(view, p)):
-                view.free_pages.add(p)
+            if p not in view.used_pages and all(self._owner[c] is view for c in self._chunks_of(view, p)):
+                _push_free(view, p)
         return chunk
 
     def _release_chunk(self, view: _ModelView, chunk: int) -> None:
         for p in self._pages_touching(view, chunk):
-            view.free_pages.discard(p)
+            view.free_pages.discard(p)  # its heap entry goes stale
         view.owned_chunks.discard(chunk)
         view.chunk_use.pop(chunk, None)
-        self.free_chunks.add(chunk)
+        self._owner[chunk] = None
+        _add_lazy(self._free_chunk_heap, self.free_chunks, chunk)
         self.backing.unmap(chunk)
+        for side in self._adjacent(chunk):
+            owner = self._owner[side]
+            if owner is not None:  # the freed chunk is now a free neighbour of the side's owner
+                if chunk not in owner.neighbours:
+                    _add_lazy(owner.neighbour_heap, owner.neighbours, chunk)
+            elif side in view.neighbours and not any(self._owner[c] is view for c in self._adjacent(side)):
+                view.neighbours.discard(side)  # no longer next to any chunk of this model
+
+    def _adjacent(self, chunk: int) -> tuple[int, ...]:
+        if chunk == 0:
+            return (1,) if self.num_chunks > 1 else ()
+        return (chunk - 1, chunk + 1) if chunk + 1 < self.num_chunks else (chunk - 1,)
+
+
+class _OwnedCounts(Mapping[str, int]):
+    """Chunks owned per model, read live from the views (what the planner asks per claim)."""
+
+    def __init__(self, views: dict[str, _ModelView]) -> None:
+        self._views = views
+
+    def __getitem__(self, model: str) -> int:
+        return len(self._views[model].owned_chunks)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._views)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+
+# ---- lazy-deletion min-heaps: `members` is the truth, `heap` a superset of it ---------------
+def _add_lazy(heap: list[int], members: set[int], item: int) -> None:
+    members.add(item)
+    heapq.heappush(heap, item)
+    if len(heap) > 2 * len(members) + 64:  # stale entries dominate: rebuild (amortised O(log n))
+        heap[:] = sorted(members)
+
+
+def _push_free(view: _ModelView, page: int) -> None:
+    _add_lazy(view.free_heap, view.free_pages, page)
+
+
+def _peek_lowest(heap: list[int], members: set[int]) -> int | None:
+    """The lowest member, dropping stale heap entries on the way; None when there are none."""
+    while heap and heap[0] not in members:
+        heapq.heappop(heap)
+    return heap[0] if heap else None
+
+
+def _pop_lowest(heap: list[int], members: set[int], k: int) -> list[int]:
+    """Remove and return the `k` lowest members (the caller made sure there are that many)."""
+    out: list[int] = []
+    while len(out) < k:
+        item = heapq.heappop(heap)
+        if item in members:
+            members.remove(item)
+            out.append(item)
+    return out
 
 
 @dataclass
