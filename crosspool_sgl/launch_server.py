@@ -229,7 +229,8 @@ def add_process_flags(p: argparse.ArgumentParser) -> None:
         "--num-threads",
         type=int,
         default=None,
-        help="torch threads in the scheduler process (default: torch's choice)",
+        help="torch threads of the scheduler's step loop (default: 1 when the prefill lane runs long "
+        "prefills on a second thread, which is the CPU default with >= 2 cores; else every usable core)",
     )
     p.add_argument(
         "--max-pending-requests",

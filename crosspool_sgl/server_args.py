@@ -94,7 +94,7 @@ class ServerArgs:
     host: str = "127.0.0.1"
     port: int = 30000
     log_level: str = "info"
-    num_threads: int | None = None  # torch threads of the scheduler thread; None: every usable core (1 + the lane)
+    num_threads: int | None = None  # step-loop torch threads; None: 1 with the prefill lane, else all
     startup_timeout_s: float = 600.0
     openai_frontend: str = "sglang"  # "sglang": SGLang's OpenAI serving handlers; "own": ours
     max_pending_requests: int = 4096  # in flight across all models; beyond it new requests get 429
