@@ -131,6 +131,11 @@ class ModelFrontend:
 
     def _inputs(self, obj: Any) -> list[GenerateInput]:
         """A normalised GenerateReqInput -> our requests; the n samples of a prompt adjacent (as SGLang)."""
+        rids = [obj.rid] if obj.is_single else obj.rid
+        well_formed = isinstance(rids, list) and all(isinstance(r, str | None) for r in rids)
+        if rids is not None and not well_formed:
+            # e.g. `"rid": []` on one chat request: SGLang's normaliser keeps it, a set of them raised
+            raise RequestError("`rid` must be a string (a list of strings for a batch)", param="rid")
         n = obj.parallel_sample_num
         singles = [obj] if obj.is_single else [obj[i] for i in range(obj.batch_size)]
         out = []
@@ -150,7 +155,6 @@ class ModelFrontend:
                         rid=rid,
                     )
                 )
-        rids = [obj.rid] if obj.is_single else obj.rid
         if isinstance(rids, list) and len(set(rids)) == len(out):
             for req, rid in zip(out, rids, strict=True):  # normalize gave one rid per sample:
                 req.rid = rid  # use them, so create_abort_task finds every sample

@@ -19,7 +19,7 @@ class ReqState(Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: `in` / `remove` on the queues compare requests, not their fields
 class Req:
     rid: str
     model: str

@@ -1,4 +1,4 @@
-"""The online step cost model: it learns a machine's costs from measured steps, and outliers don't teach it."""
+"""The online step cost model: it learns the costs of the machine from measured steps; outliers do not."""
 
 from __future__ import annotations
 
