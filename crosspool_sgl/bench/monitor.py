@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 # psutil's Linux cpu_times fields that mean "not busy"; guest time is already counted in user.
 IDLE_FIELDS = ("idle", "iowait")
@@ -27,8 +27,8 @@ class Probed(Protocol):
     def kv_used_bytes(self) -> dict[str, float]: ...
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its live descendants (0 once it is gone)."""
+def tree_sum(pid: int, measure: Callable[[Any], float]) -> float:
+    """`measure(process)` summed over a process and its live descendants (0 once it is gone)."""
     import psutil
 
     try:
@@ -39,25 +39,23 @@ def tree_cpu_seconds(pid: int) -> float:
     total = 0.0
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            t = p.cpu_times()
-            total += t.user + t.system
+            total += measure(p)
     return total
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its live descendants."""
+    return tree_sum(pid, lambda p: sum(p.cpu_times()[:2]))
 
 
 def tree_threads(pid: int) -> int:
-    """OS threads of a process and its live descendants (0 once it is gone)."""
-    import psutil
+    """OS threads of a process and its live descendants."""
+    return int(tree_sum(pid, lambda p: p.num_threads()))
 
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            total += p.num_threads()
-    return total
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants."""
+    return int(tree_sum(pid, lambda p: p.memory_info().rss))
 
 
 def core_times() -> list[tuple[float, float]]:

@@ -30,7 +30,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from crosspool_sgl.bench.monitor import tree_cpu_seconds, tree_threads
+from crosspool_sgl.bench.monitor import tree_cpu_seconds, tree_rss, tree_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 STUBS_DIR = ROOT / "patches" / "stubs"
@@ -245,18 +245,7 @@ def wait_ready(servers: list[ServerProc], timeout_s: float) -> str | None:
 
 def process_tree_rss(pid: int) -> int:
     """Resident bytes of a process and all its descendants (0 once it is gone)."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            total += p.memory_info().rss
-    return total
+    return tree_rss(pid)
 
 
 def prometheus_value(text: str, metric: str) -> float:
