@@ -236,13 +236,17 @@ def _busy_share(a, b) -> float | None:
     return (b[0] - a[0]) / (b[1] - a[1])
 
 
+ROOT_PACKAGE = Path(__file__).resolve().parents[1] / "crosspool_sgl"
+
+
 def worker(args) -> int:
     import crosspool_sgl
 
     rows = []
     for num_models, running, fill in CASES:
         row = measure(num_models, running, fill, args.pages_per_view, args.steps, args.max_seconds)
-        row["code"] = str(Path(crosspool_sgl.__file__).resolve().parent)
+        code = Path(crosspool_sgl.__file__).resolve().parent
+        row["code"] = "<this checkout>" if code == ROOT_PACKAGE else "<base checkout>"  # no machine paths
         rows.append(row)
     print(json.dumps(rows))
     return 0

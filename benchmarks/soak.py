@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -168,7 +169,7 @@ def wait_idle(url: str, timeout_s: float = 5) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    log = Path(args.log or "/tmp/crosspool-soak.log")
+    log = Path(args.log or Path(tempfile.gettempdir()) / "crosspool-soak.log")
     extra = ["--max-resident-bytes", args.max_resident_bytes] if args.max_resident_bytes else []
     proc, url = start_server(log, extra)
     try:
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="300 requests (the CI variant)")
     p.add_argument("--no-write", action="store_true")
-    p.add_argument("--log", help="server log file (default: /tmp/crosspool-soak.log)")
+    p.add_argument("--log", help="server log file (default: crosspool-soak.log in the temp dir)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument(
         "--max-resident-bytes",
