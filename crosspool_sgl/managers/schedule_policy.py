@@ -168,9 +168,12 @@ class SchedulePolicy:
         headroom = budget.copy()  # what admissions may use once running requests keep their share
         room = all([headroom.try_take(r.model, self.future_pages(r, 0)) for r in [*keep, *in_flight]])
         candidates = [r for r in keep if r.num_uncached > 1] + waiting
-        candidates.sort(key=self.admission_key)
+        deadline = {id(r): self.admission_key(r) for r in candidates}  # once per step: a cost estimate each
+        candidates.sort(key=lambda r: deadline[id(r)])
         if len(waiting) > 1:  # one huge prompt goes after everyone else queued (until it is overdue)
-            candidates.sort(key=lambda r: r.state is ReqState.WAITING and self.oversized(r, now))
+            candidates.sort(
+                key=lambda r: r.state is ReqState.WAITING and now < deadline[id(r)] and self.oversized(r)
+            )
         num_running, admitting, num_prefills = len(keep) + len(in_flight), True, 0
         # An overdue request reserves memory only when it can follow the running ones: while a huge
         # request runs, the overdue one cannot start before it ends, and holding back the small
@@ -180,7 +183,7 @@ class SchedulePolicy:
             if step.exhausted and num_prefills and not lane_free:
                 break
             is_new = req.state is ReqState.WAITING
-            overdue = now >= self.admission_key(req)
+            overdue = now >= deadline[id(req)]
             if is_new and (not admitting or num_running >= self.args.max_running_requests):
                 continue
             to_lane = lane_free and self._wants_lane(req, step)
@@ -230,10 +233,10 @@ class SchedulePolicy:
         plan.also_blocked.append((req, pages, overdue))
         return not (overdue and reserve)
 
-    def oversized(self, req: Req, now: float | None = None) -> bool:
-        """Needs more than `max_request_share` of the pool (and, given `now`, is not yet overdue)."""
+    def oversized(self, req: Req) -> bool:
+        """Needs more than `max_request_share` of its model's view of the pool."""
         total = self.pool_pages.get(req.model)
-        if not total or (now is not None and now >= self.admission_key(req)):
+        if not total:
             return False
         return pages_for(req, req.num_uncached, self.args.page_tokens) > self.args.max_request_share * total
 
