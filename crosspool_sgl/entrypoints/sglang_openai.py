@@ -265,6 +265,19 @@ class SGLangOpenAIHandlers:
             self.chat[name] = OpenAIServingChat(frontend, templates)
 
 
+def keep_only_named_tool(req: Any) -> None:
+    """A named `tool_choice` offers the model that one function only. SGLang already renders the
+    chat template with just that tool, but builds the tool-call grammar from every tool given, so a
+    sampled call could name another function; filtering the request makes both agree. An unknown
+    name is left for SGLang's validation to refuse with its own message."""
+    choice = getattr(req, "tool_choice", None)
+    if not getattr(req, "tools", None) or choice is None or isinstance(choice, str):
+        return
+    named = [tool for tool in req.tools if tool.function.name == choice.function.name]
+    if named:
+        req.tools = named
+
+
 def build_sglang_openai_router(tm: MultiModelTokenizerManager) -> APIRouter:
     """/v1/completions and /v1/chat/completions through SGLang's handlers (/v1/models stays ours)."""
     from sglang.srt.entrypoints.openai import protocol as oai
@@ -290,6 +303,7 @@ def build_sglang_openai_router(tm: MultiModelTokenizerManager) -> APIRouter:
         )
         if refused:
             raise RequestError(refused, param="tools")
+        keep_only_named_tool(req)
         return model_json_response(await table[model].handle_request(req, request))
 
     @router.post("/v1/completions")

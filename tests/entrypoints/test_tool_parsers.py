@@ -40,3 +40,30 @@ def test_tools_error_only_when_tools_meet_no_parser():
     assert tools_error("m", tools, "none", None) is None
     assert tools_error("m", tools, "auto", "hermes") is None
     assert tools_error("m", None, "auto", None) is None
+
+
+@pytest.mark.parametrize("parser", ["mistral", "qwen25"])
+def test_named_tool_choice_grammar_offers_only_that_function(parser):
+    """SGLang builds the tool-call grammar from every tool given; a named choice must not let the
+    sampler pick another function (seen in CI: `get_time` returned for a named `get_weather`)."""
+    from sglang.srt.entrypoints.openai.protocol import ChatCompletionRequest
+    from sglang.srt.function_call.function_call_parser import FunctionCallParser
+
+    from crosspool_sgl.entrypoints.sglang_openai import keep_only_named_tool
+
+    params = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+    tools = [{"type": "function", "function": {"name": n, "parameters": params}} for n in ("one", "two")]
+    named = {"type": "function", "function": {"name": "two"}}
+    hi = [{"role": "user", "content": "hi"}]
+    req = ChatCompletionRequest(model="m", messages=hi, tools=tools, tool_choice=named)
+    keep_only_named_tool(req)
+    assert [t.function.name for t in req.tools] == ["two"]
+    kind, constraint = FunctionCallParser(req.tools, parser).get_structure_constraint(req.tool_choice)
+    text = constraint.model_dump_json() if hasattr(constraint, "model_dump_json") else str(constraint)
+    assert '"two"' in text.replace('\\"', '"') and '"one"' not in text.replace('\\"', '"')
+
+    # unknown name or a string choice: left alone (SGLang's validation answers the unknown name)
+    for choice in ({"type": "function", "function": {"name": "three"}}, "required", "auto"):
+        req = ChatCompletionRequest(model="m", messages=hi, tools=tools, tool_choice=choice)
+        keep_only_named_tool(req)
+        assert len(req.tools) == 2
