@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from crosspool_sgl.managers.req import Req
-from crosspool_sgl.managers.runtime import build_runtime
+from crosspool_sgl.core.req import Req
+from crosspool_sgl.runtime import build_runtime
 from crosspool_sgl.sampling_params import SamplingParams
 from crosspool_sgl.server_args import DisaggArgs, EngineArgs, KVPoolArgs, ModelSpec
 from crosspool_sgl.tools.make_tiny_models import ensure_tiny_models

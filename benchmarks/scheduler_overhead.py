@@ -8,7 +8,7 @@ comparison) over a KV pool whose every model view has ~50k pages (8 pages a
 chunk, like the runtime's default chunk), prefix cache on and pre-filled so
 the pool runs full and admissions have to reclaim cached prefixes — the
 steady state of a busy server. The real KVPool, KVPlanner, PrefixCache,
-SchedulePolicy and MultiModelScheduler are wired as `managers/runtime.py`
+SchedulePolicy and MultiModelScheduler are wired as `runtime.py`
 does; only the model runner is a stub that returns a token for every request
 whose prompt completes. Its time is subtracted: overhead = step wall time -
 stub time.
@@ -61,7 +61,7 @@ class StubRunner:
     """Stands in for ModelRunner: a next token for each request whose prompt completes, no math."""
 
     def __init__(self, models: list[str]) -> None:
-        from crosspool_sgl.managers.model_runner import StepResult
+        from crosspool_sgl.core.model_runner import StepResult
 
         self.models = {m: SimpleNamespace(config=SimpleNamespace(vocab_size=VOCAB)) for m in models}
         self.residency = None
@@ -80,11 +80,11 @@ class StubRunner:
 
 
 def build(num_models: int, running: int, pages_per_view: int, prefill_chunk: int):
-    """Pool, planner, cache, policy and scheduler wired like managers/runtime.py."""
+    """Pool, planner, cache, policy and scheduler wired like runtime.py."""
     import torch
 
-    from crosspool_sgl.managers.schedule_policy import PolicyArgs, SchedulePolicy
-    from crosspool_sgl.managers.scheduler import MultiModelScheduler
+    from crosspool_sgl.core.schedule_policy import PolicyArgs, SchedulePolicy
+    from crosspool_sgl.core.scheduler import MultiModelScheduler
     from crosspool_sgl.mem.kv_planner import KVPlanner, ModelKVPolicy
     from crosspool_sgl.mem.kv_pool import KVGeometry, KVPool
     from crosspool_sgl.mem.prefix_cache import PrefixCache
@@ -124,7 +124,7 @@ class Traffic:
     """Seeded requests: a per-model system prompt, a random tail, random output lengths."""
 
     def __init__(self, models: list[str], seed: int = 0) -> None:
-        from crosspool_sgl.managers.req import Req
+        from crosspool_sgl.core.req import Req
         from crosspool_sgl.sampling_params import SamplingParams
 
         self.rng = random.Random(seed)

@@ -14,9 +14,9 @@ import itertools
 import time
 from typing import Any
 
-from crosspool_sgl.managers.req import Req, ReqOutput
-from crosspool_sgl.managers.runtime import Runtime, build_runtime
+from crosspool_sgl.core.req import Req, ReqOutput
 from crosspool_sgl.mem.residency_manager import models_with_requests
+from crosspool_sgl.runtime import Runtime, build_runtime
 from crosspool_sgl.sampling_params import InvalidRequestError, SamplingParams
 from crosspool_sgl.server_args import (
     EngineArgs,

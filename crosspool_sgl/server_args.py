@@ -41,7 +41,7 @@ class WeightPoolArgs:
 
 @dataclass(frozen=True)
 class SchedulerArgs:
-    """Batching and isolation knobs (see managers/schedule_policy.py for what each bounds)."""
+    """Batching and isolation knobs (see core/schedule_policy.py for what each bounds)."""
 
     max_running_requests: int = 64
     chunked_prefill_size: int = 1024

@@ -1,5 +1,5 @@
 """Discrete-event model of the compared deployments: the same scheduling policy as our scheduler
-(`managers/schedule_policy.py`: keep decodes, retract the youngest when KV is short, chunked prefill,
+(`core/schedule_policy.py`: keep decodes, retract the youngest when KV is short, chunked prefill,
 FCFS admission) over per-model or shared KV budgets, timed by a cost model (`sim_costs`).
 
 THIS IS A MODEL. It projects; it does not measure. Its fidelity is checked by replaying the CPU

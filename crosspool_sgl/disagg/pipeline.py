@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from crosspool_sgl.core.model_runner import ModelRunner, StepResult, pack_batch
+from crosspool_sgl.core.req import Req
 from crosspool_sgl.disagg.remote_ffn import PendingFFN, RemoteFFN
 from crosspool_sgl.disagg.trace import FFNCall, StepTrace
 from crosspool_sgl.layers.attention.base import AttentionMetadata
 from crosspool_sgl.layers.norm import rms_norm
-from crosspool_sgl.managers.model_runner import ModelRunner, StepResult, pack_batch
-from crosspool_sgl.managers.req import Req
 from crosspool_sgl.mem.kv_pool import KVPool
 from crosspool_sgl.models.decoder import DecoderModel
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 
+from crosspool_sgl.core.req import ReqOutput
+from crosspool_sgl.core.scheduler import MultiModelScheduler
 from crosspool_sgl.disagg.remote_ffn import FFNWorkerError
-from crosspool_sgl.managers.req import ReqOutput
-from crosspool_sgl.managers.scheduler import MultiModelScheduler
 
 logger = logging.getLogger(__name__)
 

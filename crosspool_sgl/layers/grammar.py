@@ -1,7 +1,7 @@
 """Structured output in the core: what a grammar must offer, and its vocab mask applied to a batch.
 
 The core never imports a grammar library. A `GrammarCompiler` (SGLang's xgrammar backend, adapted in
-`crosspool_sgl/constrained/`, injected by `managers/runtime.py`) turns a request's constraint into a
+`crosspool_sgl/constrained/`, injected by `runtime.py`) turns a request's constraint into a
 `GrammarMatcher` off the step loop. Masks use xgrammar's packed layout: int32 words, bit j of word i
 set when token 32*i + j is allowed.
 

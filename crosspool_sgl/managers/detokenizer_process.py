@@ -18,8 +18,8 @@ from typing import Any
 
 import zmq
 
+from crosspool_sgl.core.req import ReqOutput
 from crosspool_sgl.managers.io_struct import BatchStrOutput, BatchTokenIDOutput, DetokenizeHints, StrOutput
-from crosspool_sgl.managers.req import ReqOutput
 
 logger = logging.getLogger(__name__)
 

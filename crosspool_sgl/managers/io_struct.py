@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from crosspool_sgl.managers.req import ReqOutput
+from crosspool_sgl.core.req import ReqOutput
 
 
 @dataclass

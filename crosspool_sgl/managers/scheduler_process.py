@@ -15,6 +15,7 @@ from typing import Any
 
 import zmq
 
+from crosspool_sgl.core.req import Req, ReqOutput
 from crosspool_sgl.managers.io_struct import (
     AbortReq,
     BatchTokenIDOutput,
@@ -25,8 +26,7 @@ from crosspool_sgl.managers.io_struct import (
     SchedulerInfoReqOutput,
     TokenizedGenerateReqInput,
 )
-from crosspool_sgl.managers.req import Req, ReqOutput
-from crosspool_sgl.managers.runtime import Runtime, build_runtime, usable_cores
+from crosspool_sgl.runtime import Runtime, build_runtime, usable_cores
 from crosspool_sgl.sampling_params import InvalidRequestError, SamplingParams
 from crosspool_sgl.server_args import EngineArgs
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from crosspool_sgl.managers.req import Req
-from crosspool_sgl.managers.runtime import Runtime, build_runtime
+from crosspool_sgl.core.req import Req
+from crosspool_sgl.runtime import Runtime, build_runtime
 from crosspool_sgl.sampling_params import SamplingParams
 from crosspool_sgl.server_args import DisaggArgs, EngineArgs, KVPoolArgs, ModelSpec
 

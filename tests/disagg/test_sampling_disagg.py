@@ -7,7 +7,7 @@ import re
 
 from disagg_helpers import build, close, generate
 
-from crosspool_sgl.managers.req import Req
+from crosspool_sgl.core.req import Req
 from crosspool_sgl.sampling_params import SamplingParams
 from crosspool_sgl.server_args import DisaggArgs
 

@@ -14,9 +14,9 @@ have at all (deadlines with prefill time, a step cost model, demand-following fl
 
 from __future__ import annotations
 
-from crosspool_sgl.managers.req import Req, ReqState
-from crosspool_sgl.managers.schedule_policy import PolicyArgs, SchedulePolicy, pages_for
-from crosspool_sgl.managers.step_cost import ModelCost, StepCostModel
+from crosspool_sgl.core.req import Req, ReqState
+from crosspool_sgl.core.schedule_policy import PolicyArgs, SchedulePolicy, pages_for
+from crosspool_sgl.core.step_cost import ModelCost, StepCostModel
 from crosspool_sgl.mem.kv_planner import KVPlanner, ModelKVPolicy
 from crosspool_sgl.mem.kv_pool import PageBudget
 from crosspool_sgl.sampling_params import SamplingParams

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from crosspool_sgl import Engine
-from crosspool_sgl.managers.req import Req
+from crosspool_sgl.core.req import Req
 from crosspool_sgl.sampling_params import SamplingParams
 
 MODELS = ("qwen3_moe", "mixtral")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from crosspool_sgl import Engine
-from crosspool_sgl.managers.req import Req
+from crosspool_sgl.core.req import Req
 from crosspool_sgl.sampling_params import SamplingParams
 from crosspool_sgl.server_args import GrammarArgs
 

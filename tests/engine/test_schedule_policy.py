@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from crosspool_sgl.managers.req import Req, ReqState
-from crosspool_sgl.managers.schedule_policy import PolicyArgs, SchedulePolicy
+from crosspool_sgl.core.req import Req, ReqState
+from crosspool_sgl.core.schedule_policy import PolicyArgs, SchedulePolicy
 from crosspool_sgl.mem.kv_pool import PageBudget
 from crosspool_sgl.sampling_params import SamplingParams
 

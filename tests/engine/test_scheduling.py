@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from crosspool_sgl import Engine
-from crosspool_sgl.managers.req import Req
+from crosspool_sgl.core.req import Req
 from crosspool_sgl.sampling_params import InvalidRequestError, SamplingParams
 
 GREEDY = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}

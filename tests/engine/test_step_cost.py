@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from crosspool_sgl.managers.step_cost import ModelCost, StepCostModel
+from crosspool_sgl.core.step_cost import ModelCost, StepCostModel
 
 MODELS = {"a": ModelCost(192.0, 192.0), "b": ModelCost(128.0, 256.0)}
 TRUE_MS = (0.8, 0.6, 2e-5, 4e-8)  # per step, per model, per token x width, per q-k pair x width

@@ -20,9 +20,9 @@ from sglang.srt.sampling.penaltylib import (
     BatchedRepetitionPenalizer,
 )
 
+from crosspool_sgl.core.req import Req
+from crosspool_sgl.core.sampling_batch import SamplingState, process_logits
 from crosspool_sgl.layers.penalties import TokenCounts
-from crosspool_sgl.managers.req import Req
-from crosspool_sgl.managers.sampling_batch import SamplingState, process_logits
 from crosspool_sgl.sampling_params import InvalidRequestError, SamplingParams
 
 EOS = (2, 7)

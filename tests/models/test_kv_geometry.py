@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from crosspool_sgl.managers.runtime import _build_kv_pool
 from crosspool_sgl.mem.kv_pool import KVGeometry, KVPool
 from crosspool_sgl.models.config import load_model_config
+from crosspool_sgl.runtime import _build_kv_pool
 from crosspool_sgl.server_args import EngineArgs, KVPoolArgs, ModelSpec
 
 POOL_BYTES = 4 << 20

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from crosspool_sgl.managers.io_struct import BatchTokenIDOutput, TokenizedGenerateReqInput
-from crosspool_sgl.managers.runtime import build_runtime
 from crosspool_sgl.managers.scheduler_process import SchedulerServer
+from crosspool_sgl.runtime import build_runtime
 from crosspool_sgl.server_args import EngineArgs, KVPoolArgs, ModelSpec
 
 

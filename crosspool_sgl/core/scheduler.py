@@ -21,11 +21,11 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED
 from concurrent.futures import wait as wait_futures
 
+from crosspool_sgl.core.model_runner import ModelRunner, StepResult
+from crosspool_sgl.core.prefill_lane import PrefillLane
+from crosspool_sgl.core.req import Req, ReqOutput, ReqState
+from crosspool_sgl.core.schedule_policy import BatchPlan, SchedulePolicy, pages_for
 from crosspool_sgl.layers.grammar import GrammarCompiler, InvalidGrammarError
-from crosspool_sgl.managers.model_runner import ModelRunner, StepResult
-from crosspool_sgl.managers.prefill_lane import PrefillLane
-from crosspool_sgl.managers.req import Req, ReqOutput, ReqState
-from crosspool_sgl.managers.schedule_policy import BatchPlan, SchedulePolicy, pages_for
 from crosspool_sgl.mem.kv_pool import KVPool, page_budget
 from crosspool_sgl.mem.prefix_cache import PrefixCache
 from crosspool_sgl.mem.residency_manager import models_with_requests

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from crosspool_sgl.core.req import Req
 from crosspool_sgl.layers.grammar import allocate_bitmask, apply_vocab_mask
 from crosspool_sgl.layers.penalties import (
     PenaltyArgs,
@@ -24,7 +25,6 @@ from crosspool_sgl.layers.penalties import (
     logit_bias_tensor,
     stop_token_mask,
 )
-from crosspool_sgl.managers.req import Req
 
 logger = logging.getLogger(__name__)
 

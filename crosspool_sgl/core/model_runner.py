@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from crosspool_sgl.core.req import Req
+from crosspool_sgl.core.sampling_batch import SamplingState, process_logits
 from crosspool_sgl.layers.attention.base import AttentionMetadata
 from crosspool_sgl.layers.sampler import SamplingRow, sample, token_logprobs
-from crosspool_sgl.managers.req import Req
-from crosspool_sgl.managers.sampling_batch import SamplingState, process_logits
 from crosspool_sgl.mem.kv_pool import KVPool
 from crosspool_sgl.mem.residency_manager import ResidencyManager
 from crosspool_sgl.models.decoder import DecoderModel

@@ -11,14 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
+from crosspool_sgl.core.model_runner import ModelRunner
+from crosspool_sgl.core.prefill_lane import PrefillLane
+from crosspool_sgl.core.req import Req
+from crosspool_sgl.core.schedule_policy import PolicyArgs, SchedulePolicy
+from crosspool_sgl.core.scheduler import MultiModelScheduler
+from crosspool_sgl.core.step_cost import ModelCost, StepCostModel
 from crosspool_sgl.disagg.setup import start_ffn_side
 from crosspool_sgl.layers.attention import create_attention_backend
-from crosspool_sgl.managers.model_runner import ModelRunner
-from crosspool_sgl.managers.prefill_lane import PrefillLane
-from crosspool_sgl.managers.req import Req
-from crosspool_sgl.managers.schedule_policy import PolicyArgs, SchedulePolicy
-from crosspool_sgl.managers.scheduler import MultiModelScheduler
-from crosspool_sgl.managers.step_cost import ModelCost, StepCostModel
 from crosspool_sgl.mem.kv_planner import KVPlanner, ModelKVPolicy
 from crosspool_sgl.mem.kv_pool import KVGeometry, KVPool
 from crosspool_sgl.mem.prefix_cache import PrefixCache

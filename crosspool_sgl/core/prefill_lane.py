@@ -24,7 +24,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import torch
 
-from crosspool_sgl.managers.req import Req
+from crosspool_sgl.core.req import Req
 
 Items = list[tuple[Req, int]]
 

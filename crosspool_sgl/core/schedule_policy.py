@@ -37,8 +37,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from crosspool_sgl.managers.req import Req, ReqState
-from crosspool_sgl.managers.step_cost import StepCostModel
+from crosspool_sgl.core.req import Req, ReqState
+from crosspool_sgl.core.step_cost import StepCostModel
 from crosspool_sgl.mem.kv_pool import PageBudget
 
 
