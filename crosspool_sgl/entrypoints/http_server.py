@@ -12,11 +12,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from crosspool_sgl.entrypoints.http_io import DEFAULT_MAX_BODY_BYTES, error_response, read_json, sse
 from crosspool_sgl.entrypoints.metrics import ServerMetrics
 from crosspool_sgl.managers.tokenizer_manager import (
     GenerateInput,
@@ -25,8 +25,6 @@ from crosspool_sgl.managers.tokenizer_manager import (
     RequestError,
 )
 from crosspool_sgl.managers.validation import check_num_choices
-
-DEFAULT_MAX_BODY_BYTES = 16 << 20  # larger bodies get 413 before a byte of them is parsed
 
 logger = logging.getLogger(__name__)
 
@@ -37,48 +35,6 @@ _GENERATE_FIELDS = (
     "return_text_in_logprobs",
     "rid",
 )
-
-
-def error_body(message: str, err_type: str, code: int, param: str | None = None) -> dict[str, Any]:
-    """OpenAI-style error body: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
-
-
-def error_response(e: RequestError) -> JSONResponse:
-    body = error_body(e.message, e.err_type, e.status_code, e.param)
-    return JSONResponse(body, status_code=e.status_code, headers=e.headers or None)
-
-
-async def read_body(request: Request) -> bytes:
-    """The raw body, refused with 413 as soon as it passes the limit (Content-Length first)."""
-    limit = getattr(request.app.state, "max_body_bytes", DEFAULT_MAX_BODY_BYTES)
-    too_large = RequestError(f"request body larger than {limit} bytes", 413, "RequestTooLarge")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def read_json(request: Request) -> dict[str, Any]:
-    """The JSON object of the body; strict (orjson): no NaN/Infinity, no invalid UTF-8 or lone surrogates."""
-    raw = await read_body(request)
-    try:
-        body = orjson.loads(raw or b"{}")
-    except orjson.JSONDecodeError as e:
-        raise RequestError(f"malformed JSON body: {e}") from e
-    if not isinstance(body, dict):
-        raise RequestError("the JSON body must be an object")
-    return body
-
-
-def sse(data: Any) -> bytes:
-    return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
 def _prompts(body: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:

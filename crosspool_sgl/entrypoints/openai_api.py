@@ -18,25 +18,16 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import pydantic
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sglang.srt.entrypoints.openai import protocol as oai
 
-from crosspool_sgl.entrypoints.http_server import read_json, sse
+from crosspool_sgl.entrypoints.http_io import read_json, sse, validate
 from crosspool_sgl.managers.tokenizer_manager import GenerateInput, MultiModelTokenizerManager, RequestError
 from crosspool_sgl.managers.validation import check_num_choices
 from crosspool_sgl.sampling_params import sample_seed
 
 _DEFAULT_MAX_TOKENS = 128
-
-
-def validate(model_cls: type[pydantic.BaseModel], body: dict[str, Any]) -> Any:
-    try:
-        return model_cls.model_validate(body)
-    except pydantic.ValidationError as e:
-        msgs = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors())
-        raise RequestError(msgs) from e
 
 
 def sampling_params(req: Any, max_tokens: int | None) -> dict[str, Any]:

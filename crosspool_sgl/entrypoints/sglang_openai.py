@@ -283,8 +283,7 @@ def build_sglang_openai_router(tm: MultiModelTokenizerManager) -> APIRouter:
     from sglang.srt.entrypoints.openai import protocol as oai
     from sglang.srt.utils.json_response import model_json_response
 
-    from crosspool_sgl.entrypoints.http_server import read_json
-    from crosspool_sgl.entrypoints.openai_api import validate
+    from crosspool_sgl.entrypoints.http_io import read_json, validate
     from crosspool_sgl.managers.validation import check_num_choices
 
     handlers = SGLangOpenAIHandlers(tm)

@@ -22,17 +22,24 @@ dv = v_head_dim, H = hidden.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from crosspool_sgl.layers.attention.base import AttentionMetadata
+from crosspool_sgl.layers.attention.base import AttentionBackend, AttentionMetadata
 from crosspool_sgl.layers.norm import rms_norm
+from crosspool_sgl.layers.rotary import RotaryEmbedding
 from crosspool_sgl.models.config import ModelConfig
 
-if TYPE_CHECKING:
-    from crosspool_sgl.models.decoder import DecoderModel
+
+class AttentionHost(Protocol):
+    """What latent attention needs of the model that runs it (the decoder, in practice): its
+    config, its rotary embedding and the attention backend over the KV pool."""
+
+    config: ModelConfig
+    rotary: RotaryEmbedding
+    attn_backend: AttentionBackend
 
 
 @dataclass
@@ -60,7 +67,7 @@ class MLAWeights:
 
 
 def mla_attention(
-    model: DecoderModel,
+    model: AttentionHost,
     i: int,
     w: MLAWeights,
     x: torch.Tensor,
