@@ -211,8 +211,10 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
         "--max-request-share",
         type=float,
         default=d.max_request_share,
-        help="a request needing more than this share of the KV pool is admitted after every other queued "
-        "request until it is overdue (TTFT target + its weighted prefill time) (default: %(default)s)",
+        help="a request whose footprint (prompt + decode headroom) exceeds this share of the KV pool is "
+        "large: it is admitted after the other queued requests and only beside every model's working "
+        "set, its own model's included, until it is overdue (TTFT target + its weighted prefill time) "
+        "(default: an equal share, 1 / number of models)",
     )
     p.add_argument(
         "--working-set-window",

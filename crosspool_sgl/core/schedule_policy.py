@@ -18,8 +18,13 @@ Order of business each step:
    A request that does not fit does not block the queue — except once it is *overdue*
    (past its deadline): then it may take other models' working sets, and no later request
    is admitted until it fits (a reservation, as in backfilling schedulers), so it is never
-   starved. One request needing more than `max_request_share` of the pool comes after
-   every other queued request (until it is overdue): they take their memory first.
+   starved.
+   *Large* requests — whose whole footprint (prompt + decode headroom) is more than
+   `max_request_share` of the pool, by default an equal share among the models: what a static
+   partition could not hold — are not their model's recurring demand. They do not count into
+   working sets; until overdue they come after every other queued request, and they are
+   admitted only beside their *own* model's working set too (the long-context trace: a warm
+   model's 9k-token prompt took the memory its own short requests needed, 1.7 s TTFT P99).
 
 4. Prefill lane (when the scheduler has one free): the highest-priority prefill whose rest
    costs more than the step can give it gets a chunk of `prefill_step_budget_ms` that runs
@@ -58,8 +63,9 @@ class PolicyArgs:
     decode_step_slowdown: float = 2.0
     min_decode_step_ms: float = 4.0  # budget floor: below it a step can't carry a useful chunk
     prefill_step_budget_ms: float = 50.0  # a step without decodes (bounds new arrivals' wait)
-    # A request needing more than this share of the pool goes after the others queued (until overdue).
-    max_request_share: float = 0.5
+    # A request whose footprint exceeds this share of the pool is *large* (see the module docstring);
+    # None: an equal share among the models (1 / number of models).
+    max_request_share: float | None = None
 
 
 @dataclass
@@ -166,19 +172,18 @@ class SchedulePolicy:
         keep = self._schedule_running(running, budget, plan)
         step = _StepFill(self, [r for r, _ in plan.items])
         headroom = budget.copy()  # what admissions may use once running requests keep their share
-        room = all([headroom.try_take(r.model, self.future_pages(r, 0)) for r in [*keep, *in_flight]])
+        # privileged: what a running request will still need is its own, whoever's working set it is in
+        room = all([headroom.try_take(r.model, self.future_pages(r, 0), True) for r in [*keep, *in_flight]])
+        own_reserve = self._own_reserves(budget, [*keep, *in_flight])
         candidates = [r for r in keep if r.num_uncached > 1] + waiting
         deadline = {id(r): self.admission_key(r) for r in candidates}  # once per step: a cost estimate each
         candidates.sort(key=lambda r: deadline[id(r)])
-        if len(waiting) > 1:  # one huge prompt goes after everyone else queued (until it is overdue)
+        if len(waiting) > 1:  # a large request goes after everyone else queued (until it is overdue)
             candidates.sort(
-                key=lambda r: r.state is ReqState.WAITING and now < deadline[id(r)] and self.oversized(r)
+                key=lambda r: r.state is ReqState.WAITING and now < deadline[id(r)] and self.large(r)
             )
         num_running, admitting, num_prefills = len(keep) + len(in_flight), True, 0
-        # An overdue request reserves memory only when it can follow the running ones: while a huge
-        # request runs, the overdue one cannot start before it ends, and holding back the small
-        # requests meanwhile would only cost their TTFT (long-context trace, two 9-12k prompts).
-        reserve = not any(self.oversized(r) for r in [*keep, *in_flight])
+        running_large = [self._share(r) for r in [*keep, *in_flight] if self.large(r)]
         for i, req in enumerate(candidates):
             if step.exhausted and num_prefills and not lane_free:
                 break
@@ -193,12 +198,18 @@ class SchedulePolicy:
                 n = min(req.num_uncached - 1, max(n, self.args.page_tokens))
             else:  # a prefill under way leaves half of what is left to those queued behind it
                 n = step.chunk_for(req, 0.5 if not is_new and i + 1 < len(candidates) else 1.0)
-            if n == 0:
-                if num_prefills or (step.has_decodes and not overdue):
-                    continue  # a cheaper request further down may still fit
-                n = min(req.num_uncached, self.args.page_tokens)  # progress: one page at least
+            if n == 0 and (num_prefills or (step.has_decodes and not overdue)):
+                continue  # a cheaper request further down may still fit
+            if overdue or n == 0:  # progress: one page at least (aging, when decodes fill every step)
+                n = max(n, min(req.num_uncached, self.args.page_tokens))
             need = pages_for(req, n, self.args.page_tokens)
             future = self.future_pages(req, n)
+            # An overdue request reserves memory only when it can follow the running ones: beside a
+            # large running request it cannot start before that one ends, and holding back the small
+            # requests meanwhile would only cost their TTFT (long-context trace, two 9-12k prompts).
+            reserve = not any(share + self._share(req) > 1.0 for share in running_large)
+            if is_new and not overdue and self.large(req):  # its own model's working set stays free
+                future += own_reserve.get(req.model, 0)
             if is_new and num_running and not (room and headroom.copy().try_take(req.model, future, overdue)):
                 admitting = self._blocked(plan, req, future, overdue, reserve) and admitting
                 continue
@@ -233,12 +244,58 @@ class SchedulePolicy:
         plan.also_blocked.append((req, pages, overdue))
         return not (overdue and reserve)
 
-    def oversized(self, req: Req) -> bool:
-        """Needs more than `max_request_share` of its model's view of the pool."""
-        total = self.pool_pages.get(req.model)
+    def _pool(self, req: Req) -> int:
+        return self.pool_pages.get(req.model, 0)
+
+    def _share(self, req: Req) -> float:
+        """The share of its model's view of the pool the request's footprint takes."""
+        return self.footprint_pages(req) / max(self._pool(req), 1)
+
+    def footprint_pages(self, req: Req) -> int:
+        """Pages the request holds once its prompt is in, with its decode headroom."""
+        remaining = max(req.params.max_new_tokens - len(req.output_ids), 0)
+        tokens = len(req.input_ids) + len(req.output_ids) + int(remaining * self.args.decode_headroom)
+        return -(-tokens // self.args.page_tokens)
+
+    def large(self, req: Req) -> bool:
+        """Its footprint exceeds `max_request_share` of its model's view of the pool (default: an
+        equal share among the models) — a request no static partition of the pool could hold."""
+        total = self._pool(req)
         if not total:
             return False
-        return pages_for(req, req.num_uncached, self.args.page_tokens) > self.args.max_request_share * total
+        share = self.args.max_request_share
+        if share is None:
+            share = 1.0 / max(len(self.pool_pages), 1)
+        return self.footprint_pages(req) > share * total
+
+    def demand(self, running: Iterable[Req], waiting: Iterable[Req]) -> tuple[dict[str, int], dict[str, int]]:
+        """Per model: pages its ordinary requests hold or will need (its working set follows this),
+        and pages held by its large requests (not the model's recurring demand)."""
+        ordinary: dict[str, int] = {}
+        large_held: dict[str, int] = {}
+        for req in running:
+            if self.large(req):
+                large_held[req.model] = large_held.get(req.model, 0) + len(req.pages)
+            else:
+                ordinary[req.model] = ordinary.get(req.model, 0) + len(req.pages) + self.future_pages(req)
+        for req in waiting:
+            if self.large(req):
+                large_held.setdefault(req.model, 0)  # the model is active: it counts for shares
+            else:
+                ordinary[req.model] = ordinary.get(req.model, 0) + self.future_pages(req)
+        return ordinary, large_held
+
+    def _own_reserves(self, budget: PageBudget, running: list[Req]) -> dict[str, int]:
+        """Per model, the pages of its working set its running ordinary requests do not cover yet:
+        what a large request of the same model must leave free."""
+        planner = budget.planner
+        if planner is None:
+            return {}
+        ordinary, _ = self.demand(running, ())
+        return {
+            m: max(0, chunks * budget.pages_per_chunk.get(m, 0) - ordinary.get(m, 0))
+            for m, chunks in planner.working_set.items()
+        }
 
     def future_pages(self, req: Req, new_tokens: int = 0) -> int:
         """Pages for the rest of its prompt (at least `new_tokens`) plus its decode headroom."""

@@ -235,20 +235,18 @@ class MultiModelScheduler:
         return results
 
     def _observe_demand(self, now: float) -> None:
-        """Tell the planner what each model's requests hold or will need (its working set follows)."""
+        """Tell the planner what each model's ordinary requests hold or will need (its working set
+        follows) and what its large requests hold (see `SchedulePolicy.demand`)."""
         planner = self.kv_pool.planner
         if planner is None:
             return
-        pages: dict[str, int] = {}
-        for req in self.running:
-            pages[req.model] = pages.get(req.model, 0) + len(req.pages) + self.policy.future_pages(req)
-        for req in self.waiting:
-            if not self.policy.oversized(req):  # one huge prompt is not the model's working set
-                pages[req.model] = pages.get(req.model, 0) + self.policy.future_pages(req)
+        ordinary, large_held = self.policy.demand(self.running, self.waiting)
         chunk = self.kv_pool.chunk_bytes
-        planner.observe_demand(
-            {m: -(-n * self.kv_pool.page_bytes(m) // chunk) for m, n in pages.items()}, now
-        )
+
+        def chunks(pages: dict[str, int]) -> dict[str, int]:
+            return {m: -(-n * self.kv_pool.page_bytes(m) // chunk) for m, n in pages.items()}
+
+        planner.observe_demand(chunks(ordinary), now, chunks(large_held))
 
     def _admissible(self) -> list[Req]:
         """Waiting requests whose model's experts are resident; polls the residency manager

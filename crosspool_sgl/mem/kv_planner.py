@@ -12,6 +12,9 @@ current demand) and answers questions; the pool and the scheduler act on the ans
   so a warm model whose requests come and go keeps the memory its next request needs
   while another model's long prompt waits (the long-context trace: a 12k-token prefill
   took the pool chunk by chunk while the warm model's requests queued behind it).
+- large requests (see `SchedulePolicy.large`) are not a model's working set: their demand is
+  left out of it, and the chunks they hold do not count as covering it (`large_held`), so a
+  model running one 9k-token prompt still keeps room for its own short requests.
 - privileged claims (an *overdue* request, see `SchedulePolicy`) may take working-set
   chunks but never a static floor: that is the aging that keeps a long request from
   starving forever behind other models' steady traffic.
@@ -81,15 +84,21 @@ class KVPlanner:
         self.working_set_window_s = working_set_window_s
         self.working_set: dict[str, int] = {}  # chunks, per model with recent demand
         self._demand_peaks: dict[str, deque[tuple[float, int]]] = {}  # model -> (time, chunks), max-queue
+        self.large_held: dict[str, int] = {}  # chunks held by each model's large requests, now
 
     # ---- working sets ---------------------------------------------------------------------
-    def observe_demand(self, demand_chunks: Mapping[str, int], now: float) -> None:
-        """Record each model's demand now (chunks its requests hold or need next); refresh working sets.
+    def observe_demand(
+        self, demand_chunks: Mapping[str, int], now: float, large_held: Mapping[str, int] | None = None
+    ) -> None:
+        """Record each model's ordinary demand now (chunks its requests hold or need next) and the
+        chunks its large requests hold (a model listed there with 0 has large requests waiting: it
+        counts among the models sharing the pool); refresh working sets.
 
         A sliding-window maximum per model (a monotone deque: O(1) amortised per call and model).
         """
         if self.static_partition:
             return
+        self.large_held = dict(large_held or {})
         horizon = now - self.working_set_window_s
         for model in self.policies:
             peaks = self._demand_peaks.setdefault(model, deque())
@@ -101,12 +110,8 @@ class KVPlanner:
             while peaks and peaks[0][0] < horizon:
                 peaks.popleft()
         active = {m: p[0][1] for m, p in self._demand_peaks.items() if p}
-        share = self.num_chunks // max(len(active), 1)
+        share = self.num_chunks // max(len(active.keys() | self.large_held.keys()), 1)
         self.working_set = {m: min(d, share) for m, d in active.items()}
-
-    def protected(self, model: str) -> int:
-        """Chunks no other model's ordinary claim may take from `model`: its floor or working set."""
-        return max(self.floor.get(model, 0), self.working_set.get(model, 0))
 
     def may_claim(
         self, model: str, owned: Mapping[str, int], free_chunks: int, privileged: bool = False
@@ -122,8 +127,11 @@ class KVPlanner:
         owed_to_others = 0
         for m in self.policies:
             if m != model:
-                keep = self.floor.get(m, 0) if privileged else self.protected(m)
-                owed_to_others += max(0, keep - owned.get(m, 0))
+                have = owned.get(m, 0)
+                owed = max(0, self.floor.get(m, 0) - have)
+                if not privileged:  # chunks a large request holds do not cover the working set
+                    owed = max(owed, self.working_set.get(m, 0) - max(0, have - self.large_held.get(m, 0)))
+                owed_to_others += owed
         return free_chunks - 1 >= owed_to_others
 
     def max_pages(self, model: str, page_bytes: int) -> int:

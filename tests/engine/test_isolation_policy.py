@@ -84,11 +84,9 @@ class Sim:
         self.first_token: dict[str, float] = {}
 
     def observe(self, now: float) -> None:
-        demand: dict[str, int] = {}
-        for r in self.running + [r for r in self.waiting if not self.policy.oversized(r)]:
-            pages = len(r.pages) + self.policy.future_pages(r)
-            demand[r.model] = demand.get(r.model, 0) + -(-pages // PAGES_PER_CHUNK)
-        self.pool.planner.observe_demand(demand, now)
+        ordinary, large_held = self.policy.demand(self.running, self.waiting)
+        chunks = lambda pages: {m: -(-n // PAGES_PER_CHUNK) for m, n in pages.items()}  # noqa: E731
+        self.pool.planner.observe_demand(chunks(ordinary), now, chunks(large_held))
 
     def step(self, now: float):
         self.observe(now)
@@ -217,21 +215,34 @@ def test_short_prompt_is_prefilled_before_a_long_one_that_came_first():
     assert plan.items[0][0].rid == "short" and plan.items[0][1] == 200
 
 
+def running_req(rid: str, model: str, tokens: int, pool: FakePool) -> Req:
+    r = make_req(rid, model, tokens, 8, t=0.0)
+    r.state, r.num_cached, r.output_ids = ReqState.RUNNING, tokens, [2]
+    r.pages = [0] * -(-tokens // PT)
+    pool.alloc(model, len(r.pages))
+    return r
+
+
 def test_overdue_request_reserves_memory_from_later_arrivals():
-    """Once overdue, a request that does not fit stops later admissions (what frees up is kept for it)."""
+    """Once overdue, a request that does not fit stops later admissions (what frees up is kept for
+    it) — when it can fit beside the large request that runs; when it can't before that one ends,
+    holding the small ones back would only cost their TTFT."""
     p = planner("a", "b")
     pool = FakePool(p, ("a", "b"))
-    holder = make_req("holder", "b", 11_000, 8, t=0.0)  # a running request of b holds ~690 pages
-    holder.state, holder.num_cached, holder.output_ids = ReqState.RUNNING, 11_000, [2]
-    holder.pages = [0] * 688
-    pool.alloc("b", 688)
+    holder = running_req("holder", "b", 9_000, pool)  # large: 563 of 800 pages
+    others = running_req("others", "a", 1_600, pool)  # 100 pages: 137 left
     policy = make_policy(p)
-    big = make_req("big", "a", 3000, 8, t=0.0)  # ~190 pages: does not fit in the ~110 left
+    big = make_req("big", "a", 3000, 8, t=0.0)  # ~190 pages: does not fit in the 137 left
     small = make_req("small", "a", 100, 8, t=50.0)
-    early = policy.next_batch([big, small], [holder], pool.budget(), now=0.5)  # big not overdue yet
-    late = policy.next_batch([big, small], [holder], pool.budget(), now=40.0)  # past its deadline
+    early = policy.next_batch([big, small], [holder, others], pool.budget(), now=0.5)  # not overdue yet
+    late = policy.next_batch([big, small], [holder, others], pool.budget(), now=40.0)  # past its deadline
     assert [r.rid for r in early.admit] == ["small"]
     assert late.admit == [] and late.blocked[0].rid == "big" and late.blocked_overdue
+
+    pool = FakePool(p, ("a", "b"))
+    huge = running_req("huge", "b", 11_000, pool)  # 688 pages: big can only start after it ends
+    late = policy.next_batch([big, small], [huge], pool.budget(), now=40.0)
+    assert [r.rid for r in late.admit] == ["small"] and late.blocked[0].rid == "big"
 
 
 def test_working_set_follows_demand_with_hysteresis_and_is_capped():
@@ -264,10 +275,54 @@ def test_deadline_ages_a_long_prompt_in_bounded_time():
 
 def test_a_request_over_its_pool_share_goes_after_the_others_queued():
     p = planner("m")
-    policy = make_policy(p, chunked_prefill_size=8192)
+    policy = make_policy(p, chunked_prefill_size=8192, max_request_share=0.5)
     big = make_req("big", "m", 8000, 8, t=0.0)  # 500 of 800 pages: over the 0.5 share
     small = make_req("small", "m", 300, 8, t=0.5)
     plan = policy.next_batch([big, small], [], FakePool(p, ("m",)).budget(), now=0.6)
     assert [r.rid for r, _ in plan.items][:1] == ["small"]
     overdue = policy.next_batch([big, small], [], FakePool(p, ("m",)).budget(), now=60.0)
     assert [r.rid for r, _ in overdue.items][:1] == ["big"]  # aged: it keeps its place
+
+
+def test_warm_models_own_long_prompt_leaves_its_short_requests_room():
+    """The long-context trace's failure: a warm model's own 10k-token prompt arrives in a lull of its
+    traffic and would fit, but takes the memory its next burst needs. It is large (more than an equal
+    share of the pool), so it waits beside the model's working set until it is overdue; the burst
+    that comes meanwhile is served at once; the long prompt is served after."""
+    p = planner("warm", "other", window_s=10.0)
+    sim = Sim(make_policy(p), FakePool(p, ("warm", "other")))
+    arrivals: dict[str, float] = {}
+
+    def burst(tag: str, now: float, n: int = 10) -> None:
+        for k in range(n):
+            arrivals[f"{tag}{k}"] = now
+            sim.waiting.append(make_req(f"{tag}{k}", "warm", 400, 40, t=now))
+
+    now = 0.0
+    burst("a", now)  # the working set: 10 x (400 + 20 headroom) tokens ~ 33 of 100 chunks
+    sim.waiting.append(make_req("o", "other", 200, 400, t=now))  # another model stays active
+    long = None
+    while now < 30 and not (long is not None and long.rid in sim.first_token):
+        if long is None and now >= 1.5:  # the burst is over: the warm model holds nearly nothing
+            assert sum(1 for r in sim.running if r.model == "warm") == 0
+            long = make_req("long", "warm", 10_000, 8, t=now)  # 80 of 100 chunks with its headroom
+            sim.waiting.append(long)
+        if now == 1.8:
+            burst("b", now)
+        sim.step(now)
+        now = round(now + 0.02, 2)
+    waits = {tag: [sim.first_token[r] - arrivals[r] for r in arrivals if r[0] == tag] for tag in "ab"}
+    # the second burst did not wait behind the long prompt: it is served like the first one
+    assert len(waits["b"]) == 10 and max(waits["b"]) <= max(waits["a"]) + 0.05, waits
+    assert long.rid in sim.first_token  # and the long prompt was served, after it
+
+
+def test_large_running_request_does_not_cover_its_models_working_set():
+    """Chunks a model's large request holds do not count as its working set: another model may not
+    take the free chunks the model's short requests will need beside it."""
+    p = planner("a", "b")
+    p.observe_demand({"b": 10}, now=0.0, large_held={"b": 60})
+    owned = {"a": 25, "b": 60}  # b: its large request's 60 chunks, no short request running now
+    assert p.may_claim("a", owned, free_chunks=15)  # 14 left >= the 10 b's working set needs
+    assert not p.may_claim("a", owned, free_chunks=10)  # would leave b's short requests 9
+    assert p.may_claim("a", owned, free_chunks=10, privileged=True)  # an overdue one may (aging)
