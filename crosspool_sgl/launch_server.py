@@ -214,7 +214,7 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
         help="a request whose footprint (prompt + decode headroom) exceeds this share of the KV pool is "
         "large: it is admitted after the other queued requests and only beside every model's working "
         "set, its own model's included, until it is overdue (TTFT target + its weighted prefill time) "
-        "(default: an equal share, 1 / number of models)",
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--working-set-window",

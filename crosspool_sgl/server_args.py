@@ -47,7 +47,7 @@ class SchedulerArgs:
     chunked_prefill_size: int = 1024
     decode_step_slowdown: float = 2.0  # a step with decodes takes at most this x its decodes alone
     prefill_step_budget_ms: float = 50.0  # a step without decodes
-    max_request_share: float | None = None  # footprint share making a request large; None: 1/models
+    max_request_share: float = 0.5  # of the pool: a request whose footprint exceeds it is large
     working_set_window_s: float = 10.0  # how long a model keeps the memory its demand reached
     prefill_lane: bool | None = None  # long prefills on a second thread; None: on CPU with >= 2 cores
 

@@ -20,8 +20,8 @@ Order of business each step:
    is admitted until it fits (a reservation, as in backfilling schedulers), so it is never
    starved.
    *Large* requests — whose whole footprint (prompt + decode headroom) is more than
-   `max_request_share` of the pool, by default an equal share among the models: what a static
-   partition could not hold — are not their model's recurring demand. They do not count into
+   `max_request_share` of the pool (half: no other request of its size fits beside it) — are
+   not their model's recurring demand. They do not count into
    working sets; until overdue they come after every other queued request, and they are
    admitted only beside their *own* model's working set too (the long-context trace: a warm
    model's 9k-token prompt took the memory its own short requests needed, 1.7 s TTFT P99).
@@ -63,9 +63,11 @@ class PolicyArgs:
     decode_step_slowdown: float = 2.0
     min_decode_step_ms: float = 4.0  # budget floor: below it a step can't carry a useful chunk
     prefill_step_budget_ms: float = 50.0  # a step without decodes (bounds new arrivals' wait)
-    # A request whose footprint exceeds this share of the pool is *large* (see the module docstring);
-    # None: an equal share among the models (1 / number of models).
-    max_request_share: float | None = None
+    # A request whose footprint exceeds this share of the pool is *large* (see the module docstring).
+    # Not an equal share among the models: that made the bursty trace's 3-3.5k-token prompts large,
+    # and their wait beside every working set (TTFT 0.3-0.8 s -> 2.7-10.6 s in loaded in-process
+    # replays) became the overall TTFT tail.
+    max_request_share: float = 0.5
 
 
 @dataclass
@@ -258,15 +260,9 @@ class SchedulePolicy:
         return -(-tokens // self.args.page_tokens)
 
     def large(self, req: Req) -> bool:
-        """Its footprint exceeds `max_request_share` of its model's view of the pool (default: an
-        equal share among the models) — a request no static partition of the pool could hold."""
+        """Its footprint exceeds `max_request_share` of its model's view of the pool."""
         total = self._pool(req)
-        if not total:
-            return False
-        share = self.args.max_request_share
-        if share is None:
-            share = 1.0 / max(len(self.pool_pages), 1)
-        return self.footprint_pages(req) > share * total
+        return bool(total) and self.footprint_pages(req) > self.args.max_request_share * total
 
     def demand(self, running: Iterable[Req], waiting: Iterable[Req]) -> tuple[dict[str, int], dict[str, int]]:
         """Per model: pages its ordinary requests hold or will need (its working set follows this),

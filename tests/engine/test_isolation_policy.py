@@ -275,7 +275,7 @@ def test_deadline_ages_a_long_prompt_in_bounded_time():
 
 def test_a_request_over_its_pool_share_goes_after_the_others_queued():
     p = planner("m")
-    policy = make_policy(p, chunked_prefill_size=8192, max_request_share=0.5)
+    policy = make_policy(p, chunked_prefill_size=8192)
     big = make_req("big", "m", 8000, 8, t=0.0)  # 500 of 800 pages: over the 0.5 share
     small = make_req("small", "m", 300, 8, t=0.5)
     plan = policy.next_batch([big, small], [], FakePool(p, ("m",)).budget(), now=0.6)
