@@ -192,6 +192,7 @@ class StaticDecodeRunner:
         self.num_replays = 0
         self.num_eager = 0
         self._scratch: dict[str, int] = {}
+        self._refused: set[Key] = set()
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._lock = threading.Lock()  # the prefill lane may call run() from a second thread
 
@@ -258,16 +259,21 @@ class StaticDecodeRunner:
         if entry is not None:
             self.entries.move_to_end(key)
             return entry
+        if key in self._refused:
+            return None
         parts, width = key
         slices = []
         for name, batch in parts:
             scratch = self._scratch_page(name)
-            if scratch is None:
+            if scratch is None:  # the pool is full now; try again on a later step
                 return None
-            model = self.models[name]
-            kv = self.kv_pool.kv_view(name)
-            twin = attention_for(model, batch, width, self.kv_pool.page_tokens)
-            slices.append(ModelSlice(twin, kv, scratch, batch, width))
+            try:
+                twin = attention_for(self.models[name], batch, width, self.kv_pool.page_tokens)
+            except Exception:  # e.g. a FlashInfer without these head sizes: the key runs eagerly
+                logger.exception("static decode: no graph-safe attention for %s; running it eagerly", key)
+                self._refused.add(key)
+                return None
+            slices.append(ModelSlice(twin, self.kv_pool.kv_view(name), scratch, batch, width))
         entry = self.entries[key] = _Entry(slices)
         return entry
 
