@@ -200,7 +200,9 @@ class StaticDecodeRunner:
     def key_for(self, rows_by_model: dict[str, Sequence[DecodeRow]]) -> Key | None:
         """The bucket key of a step, or None when some model's rows exceed every batch bucket."""
         pt = self.kv_pool.page_tokens
-        need = max(r.position // pt + 1 for rows in rows_by_model.values() for r in rows)
+        need = max((r.position // pt + 1 for rows in rows_by_model.values() for r in rows), default=0)
+        if need == 0:
+            return None
         parts = []
         for name in sorted(rows_by_model):
             bucket = pick_bucket(len(rows_by_model[name]), self.batch_buckets)
@@ -333,7 +335,7 @@ class StaticDecodeRunner:
                     self._forward(entry)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 outputs = self._forward(entry)
         except Exception:  # an op that cannot be captured: this key stays eager, visibly
             logger.exception("static decode: CUDA graph capture failed for %s; it runs eagerly", key)
