@@ -193,7 +193,7 @@ class StaticDecodeRunner:
         self.num_eager = 0
         self._scratch: dict[str, int] = {}
         self._refused: set[Key] = set()
-        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._pool = None  # one CUDA-graph memory pool shared by every graph, made at first capture
         self._lock = threading.Lock()  # the prefill lane may call run() from a second thread
 
     # ---- the step -----------------------------------------------------------------------------
@@ -326,6 +326,8 @@ class StaticDecodeRunner:
         write no request's KV."""
         for s in entry.slices:
             _fill_and_plan(s, [])
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         before = torch.cuda.memory_reserved(self.device)
         try:
             stream = torch.cuda.Stream(self.device)

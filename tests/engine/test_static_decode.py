@@ -146,3 +146,57 @@ def test_engine_static_decode_on_matches_off(tiny_models):
         finally:
             eng.shutdown()
     assert outs["on"] == outs["off"]
+
+
+class _ReplayOnCPU:
+    """Stands in for a CUDA graph on CPU: replay reruns the forward into the captured outputs."""
+
+    def __init__(self, runner, entry):
+        self.runner, self.entry = runner, entry
+
+    @torch.inference_mode()
+    def replay(self):
+        for out, new in zip(self.entry.outputs, self.runner._forward(self.entry), strict=True):
+            out.copy_(new)
+
+
+class _FakeGraphRunner(StaticDecodeRunner):
+    """The graph bookkeeping (capture once per key, replay into fixed outputs, recapture when the
+    weights moved, LRU bound, memory budget) with the CUDA capture replaced."""
+
+    captures = 0
+
+    def _capture(self, key, entry):
+        self.captures += 1
+        entry.outputs = self._forward(entry)
+        entry.graph, entry.epoch = _ReplayOnCPU(self, entry), self._epoch(entry)
+        self.graph_bytes += 1
+
+
+def test_graph_bookkeeping_replays_and_recaptures(core):
+    prompts = _prompts(["qwen3_moe"], per_model=3)
+    eager, _ = greedy(core, prompts, NEW_TOKENS)
+    runner = _FakeGraphRunner(
+        core.models, core.kv_pool, CPU, batch_buckets=(4,), min_width=16, use_graphs=True
+    )
+    replayed, _ = greedy(core, prompts, NEW_TOKENS, runner)
+    assert replayed == eager  # outputs written in place by each replay, rows read after it
+    assert runner.captures == 1 and runner.stats()["replays"] == NEW_TOKENS - 1
+    core.models["qwen3_moe"].weight_pool._tables = None  # as after a page-in: the slot tables move
+    greedy(core, prompts, 3, runner)
+    assert runner.captures == 2
+
+
+def test_graph_count_and_memory_bounds(core):
+    rows = {w: [DecodeRow(5, 4 * w - 1, list(range(w)))] for w in (1, 2, 3)}  # widths 1, 2, 4 pages
+    runner = _FakeGraphRunner(
+        core.models, core.kv_pool, CPU, batch_buckets=(1,), min_width=1, use_graphs=True
+    )
+    runner.max_graphs = 2
+    for w in (1, 2, 3):
+        runner.run({"llama": rows[w]})
+    assert runner.captures == 3 and runner.stats()["graphs"] == 2  # the least recently used dropped
+    broke = _FakeGraphRunner(core.models, core.kv_pool, CPU, batch_buckets=(1,), min_width=1, use_graphs=True)
+    broke.graph_memory_bytes = 0  # no budget: every key stays eager
+    broke.run({"llama": rows[1]})
+    assert broke.captures == 0 and broke.stats()["eager_steps"] == 1
