@@ -103,3 +103,33 @@ def test_gpu_check_pipeline_on_cpu(tmp_path):
     tests = (out / "tests.md").read_text()
     assert "pytest exit 0" in tests and "skipped" in tests and "| FAILED |" not in tests
     assert "test_graph_replay_greedy_equals_eager" in (out / "static_decode.md").read_text()
+
+
+_WITHOUT_FRONT_END = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("sglang", "xgrammar", "fastapi", "uvicorn", "openai", "zmq"):
+            raise ModuleNotFoundError(f"{name} is not on the GPU machine")
+sys.meta_path.insert(0, Block())
+import pytest
+from crosspool_sgl.runtime import build_runtime
+from crosspool_sgl.server_args import EngineArgs, KVPoolArgs, ModelSpec
+rt = build_runtime(EngineArgs(models=(ModelSpec("llama", sys.argv[1]),), show_progress=False,
+                              kv_pool=KVPoolArgs(total_bytes=32 << 20)))
+sys.exit(pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "tests/gpu"]))
+"""
+
+
+def test_gpu_tests_and_runtime_need_no_sglang(tiny_models):
+    """The GPU machine has no sglang (nor xgrammar, fastapi, ...): tests/gpu must import and the
+    runtime the NCCL test builds must start without them."""
+    res = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_FRONT_END, str(tiny_models["llama"])],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "tests collected" in res.stdout
