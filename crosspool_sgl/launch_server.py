@@ -129,8 +129,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--static-decode-graph-memory",
         type=parse_bytes,
         default=1 << 30,
-        help="GPU memory for CUDA graphs, reserved before the KV pool is sized, e.g. 1G "
-        "(default: 1 GiB); graphs beyond it are not captured",
+        help="GPU memory for CUDA graphs, e.g. 1G (default: 1 GiB), reserved before the KV pool is "
+        "sized when --kv-pool-bytes is not given; graphs beyond it are not captured",
     )
     p.add_argument(
         "--kv-pool-bytes",

@@ -41,7 +41,8 @@ def build_core(dirs: dict[str, Path], device: torch.device, dtype=torch.float32,
     pool = WeightPool(dtype, device)
     attn = create_attention_backend(device, attention)
     models = {n: load_model(n, str(p), pool, attn, device, dtype, False) for n, p in dirs.items()}
-    kv_pool = KVPool(64 << 20, page_tokens=PAGE_TOKENS, chunk_bytes=256 << 10, device=device)
+    chunk = 2 << 20 if device.type == "cuda" else 256 << 10  # CUDA: the VMM granularity, as served
+    kv_pool = KVPool(64 << 20, page_tokens=PAGE_TOKENS, chunk_bytes=chunk, device=device)
     for name, m in models.items():
         planes, heads, width = m.config.kv_layout
         kv_pool.add_model(name, KVGeometry(m.config.num_layers, heads, width, dtype, num_planes=planes))
