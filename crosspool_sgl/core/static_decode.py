@@ -11,7 +11,8 @@ buffers run eagerly, so CPU CI covers bucketing, padding and packing.
 
 Padded rows: token 0 at position 0 with sequence length 1, reading and writing slot 0 of
 the model's *scratch page* — one page per model taken from the KV pool on first use and
-kept for the runner's life (zeroed), never a request's. Rows are independent through
+kept for the runner's life (zeroed), never a request's; unused page-table columns point at
+it as well. Rows are independent through
 attention, norms, routing and the FFN, so padded rows change no real row; their outputs
 are dropped. Greedy tokens equal the eager path's (tests/core/test_static_decode.py).
 
@@ -111,7 +112,9 @@ class ModelSlice:
         pt = self.meta.page_tokens
         pad = DecodeRow(0, 0, [self.scratch])
         padded = [*rows, *([pad] * (self.batch - len(rows)))]
-        table = torch.zeros(self.batch, self.width, dtype=torch.int32)
+        # Unused columns hold the scratch page too: a backend that gathers the whole width (the torch
+        # decode) then reads only mapped memory, even where page 0's chunk is unmapped (CUDA VMM).
+        table = torch.full((self.batch, self.width), self.scratch, dtype=torch.int32)
         pages: list[list[int]] = []
         for i, r in enumerate(padded):
             used = list(r.pages[: r.position // pt + 1])
