@@ -109,8 +109,8 @@ def build_runtime(args: EngineArgs) -> Runtime:
     graph_bytes = args.static_decode.graph_memory_bytes if static and device.type == "cuda" else 0
     kv_pool = _build_kv_pool(args, configs, device, dtype, weights_bytes + graph_bytes)
     if ffn_side is None:
-        runner = ModelRunner(models, kv_pool, device, residency)
-        runner.static_decode = _build_static_decode(args, models, kv_pool, device) if static else None
+        static_decode = _build_static_decode(args, models, kv_pool, device) if static else None
+        runner = ModelRunner(models, kv_pool, device, residency, static_decode)
     else:
         runner = ffn_side.make_runner(models, kv_pool, device)
     tokenizers = {s.name: _load_tokenizer(s.path) for s in args.models}

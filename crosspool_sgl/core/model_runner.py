@@ -88,7 +88,9 @@ class ModelRunner:
                 results.update(self._run_model(self.models[model], group))
         return results
 
-    def _run_static_decode(self, by_model: dict[str, list[tuple[Req, int]]]) -> dict | None:
+    def _run_static_decode(
+        self, by_model: dict[str, list[tuple[Req, int]]]
+    ) -> dict[str, torch.Tensor] | None:
         """Hidden states per model when the step is pure decode and fits a static bucket, else None.
 
         Pure decode: every row is one token that ends its sequence (sampling follows). Sampling,
