@@ -24,6 +24,7 @@ from crosspool_sgl.server_args import (
     KVPoolArgs,
     ModelSpec,
     SchedulerArgs,
+    StaticDecodeArgs,
     WeightPoolArgs,
 )
 
@@ -48,6 +49,7 @@ class Engine:
         show_progress: bool = True,
         prefill_lane: bool | None = None,
         grammar: GrammarArgs | None = None,
+        static_decode: str | StaticDecodeArgs = "auto",
     ) -> None:
         """`models` maps a name to an HF directory, or to a dict of ModelSpec fields
         (path, kv_floor_bytes, kv_ceiling_bytes, ttft_ms, tbt_ms, keep_alive_s)."""
@@ -63,6 +65,9 @@ class Engine:
             weight_pool=WeightPoolArgs(max_resident_bytes, keep_alive_s, page_in_bytes_per_step),
             show_progress=show_progress,
             grammar=grammar or GrammarArgs(),
+            static_decode=static_decode
+            if isinstance(static_decode, StaticDecodeArgs)
+            else StaticDecodeArgs(mode=static_decode),
         )
         self.runtime: Runtime = build_runtime(self.args)
         self.scheduler = self.runtime.scheduler

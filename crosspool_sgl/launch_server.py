@@ -36,6 +36,7 @@ from crosspool_sgl.server_args import (
     ModelSpec,
     SchedulerArgs,
     ServerArgs,
+    StaticDecodeArgs,
     WeightPoolArgs,
 )
 
@@ -117,6 +118,20 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         help="model and KV dtype; auto takes the first checkpoint's dtype",
     )
     p.add_argument("--attention-backend", default="auto", help="auto, torch, triton or flashinfer")
+    p.add_argument(
+        "--static-decode",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="pure-decode steps on persistent buffers padded to batch buckets, replayed as CUDA graphs "
+        "on GPU (captured at start-up for small buckets, lazily otherwise); auto: on for CUDA, off on CPU",
+    )
+    p.add_argument(
+        "--static-decode-graph-memory",
+        type=parse_bytes,
+        default=1 << 30,
+        help="GPU memory for CUDA graphs, e.g. 1G (default: 1 GiB), reserved before the KV pool is "
+        "sized when --kv-pool-bytes is not given; graphs beyond it are not captured",
+    )
     p.add_argument(
         "--kv-pool-bytes",
         type=parse_bytes,
@@ -317,7 +332,13 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
             parser.error(f"{args.config}: unknown keys {sorted(unknown)}")
         parser.set_defaults(**{k: v for k, v in cfg.items() if k in known and k not in ("model", "config")})
         args = parser.parse_args(argv)
-        for key in ("kv_pool_bytes", "kv_chunk_bytes", "max_resident_bytes", "max_body_bytes"):
+        for key in (
+            "kv_pool_bytes",
+            "kv_chunk_bytes",
+            "max_resident_bytes",
+            "max_body_bytes",
+            "static_decode_graph_memory",
+        ):
             if isinstance(getattr(args, key), str):
                 setattr(args, key, parse_bytes(getattr(args, key)))
         for key in ("keep_alive_s", "shutdown_grace_s", "request_timeout_s"):
@@ -360,6 +381,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
         show_progress=False,
         disagg=_disagg_args(args),
         grammar=grammar_args(args),
+        static_decode=StaticDecodeArgs(
+            mode=args.static_decode, graph_memory_bytes=args.static_decode_graph_memory
+        ),
     )
     return ServerArgs(
         engine,

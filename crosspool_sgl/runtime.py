@@ -16,6 +16,7 @@ from crosspool_sgl.core.prefill_lane import PrefillLane
 from crosspool_sgl.core.req import Req
 from crosspool_sgl.core.schedule_policy import PolicyArgs, SchedulePolicy
 from crosspool_sgl.core.scheduler import MultiModelScheduler
+from crosspool_sgl.core.static_decode import StaticDecodeRunner
 from crosspool_sgl.core.step_cost import ModelCost, StepCostModel
 from crosspool_sgl.disagg.setup import start_ffn_side
 from crosspool_sgl.layers.attention import create_attention_backend
@@ -104,9 +105,12 @@ def build_runtime(args: EngineArgs) -> Runtime:
         if residency is not None:
             residency.after_load(s.name)
     weights_bytes = args.weight_pool.max_resident_bytes or weight_pool.used_bytes
-    kv_pool = _build_kv_pool(args, configs, device, dtype, weights_bytes)
+    static = args.static_decode.enabled(device.type) and ffn_side is None  # disaggregated: eager
+    graph_bytes = args.static_decode.graph_memory_bytes if static and device.type == "cuda" else 0
+    kv_pool = _build_kv_pool(args, configs, device, dtype, weights_bytes + graph_bytes)
     if ffn_side is None:
-        runner = ModelRunner(models, kv_pool, device, residency)
+        static_decode = _build_static_decode(args, models, kv_pool, device) if static else None
+        runner = ModelRunner(models, kv_pool, device, residency, static_decode)
     else:
         runner = ffn_side.make_runner(models, kv_pool, device)
     tokenizers = {s.name: _load_tokenizer(s.path) for s in args.models}
@@ -166,6 +170,25 @@ def _build_policy(args: EngineArgs, kv_pool: KVPool, configs: dict[str, ModelCon
         tbt_targets_ms={s.name: s.tbt_ms for s in args.models if s.tbt_ms},
         pool_pages={m: kv_pool.total_bytes // kv_pool.page_bytes(m) for m in kv_pool.views},
     )
+
+
+def _build_static_decode(args: EngineArgs, models, kv_pool: KVPool, device) -> StaticDecodeRunner:
+    """Static-buffer decode; on CUDA the start-up buckets of each model are captured now."""
+    sd = args.static_decode
+    runner = StaticDecodeRunner(
+        models,
+        kv_pool,
+        device,
+        batch_buckets=sd.batch_buckets,
+        graph_memory_bytes=sd.graph_memory_bytes,
+        max_graphs=sd.max_graphs,
+    )
+    if runner.use_graphs:
+        for name in models:
+            for batch in sd.startup_buckets:
+                runner.capture([name], batch)
+        logger.info("static decode: %s", runner.stats())
+    return runner
 
 
 def usable_cores() -> int:

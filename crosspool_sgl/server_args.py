@@ -73,6 +73,24 @@ class GrammarArgs:
 
 
 @dataclass(frozen=True)
+class StaticDecodeArgs:
+    """Pure-decode steps on persistent buffers, replayed as CUDA graphs (core/static_decode.py)."""
+
+    mode: str = "auto"  # auto: on for CUDA, off on CPU; on; off
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # rows per model; larger steps run eagerly
+    startup_buckets: tuple[int, ...] = (1, 2, 4, 8)  # captured per model at start-up; the rest lazily
+    graph_memory_bytes: int = (
+        1 << 30
+    )  # CUDA: reserved before the KV pool is sized; graphs beyond it run eagerly
+    max_graphs: int = 128  # least recently used graphs are dropped beyond this
+
+    def enabled(self, device_type: str) -> bool:
+        if self.mode not in ("auto", "on", "off"):
+            raise ValueError(f"unknown static decode mode {self.mode!r} (auto, on, off)")
+        return self.mode == "on" or (self.mode == "auto" and device_type == "cuda")
+
+
+@dataclass(frozen=True)
 class EngineArgs:
     models: tuple[ModelSpec, ...]
     device: str = "cpu"
@@ -84,6 +102,7 @@ class EngineArgs:
     show_progress: bool = True
     disagg: DisaggArgs = field(default_factory=DisaggArgs)
     grammar: GrammarArgs = field(default_factory=GrammarArgs)
+    static_decode: StaticDecodeArgs = field(default_factory=StaticDecodeArgs)
 
 
 @dataclass(frozen=True)

@@ -389,10 +389,13 @@ def fused_moe(
     act_kind: torch.Tensor | None = None,
     act_alpha: torch.Tensor | None = None,
     act_limit: torch.Tensor | None = None,
+    max_inter: int | None = None,
 ) -> torch.Tensor:
     """MoE FFN of every (token, k) pair with two grouped-GEMM Triton launches; returns [T, Hmax].
 
-    Columns >= H of a row are 0. One device sync (bounds check and Imax, see `_check_used_slots`).
+    Columns >= H of a row are 0. One device sync (bounds check and Imax, see `_check_used_slots`),
+    unless `max_inter` (the largest I of any slot) is given: then no check and no sync, as inside
+    a CUDA-graph capture (core/static_decode.py), where the slot tables are trusted.
     """
     _require_triton()
     _check_inputs(
@@ -404,10 +407,11 @@ def fused_moe(
     num_pairs = num_tokens * top_k
     if num_pairs == 0:
         return torch.zeros_like(hidden_states)
-    max_inter = _check_used_slots(
-        topk_ids, arena, hidden_states, w13_offset, w2_offset, hidden_size, inter_size,
-        None if extras is None else extras[0],
-    )  # fmt: skip
+    if max_inter is None:
+        max_inter = _check_used_slots(
+            topk_ids, arena, hidden_states, w13_offset, w2_offset, hidden_size, inter_size,
+            None if extras is None else extras[0],
+        )  # fmt: skip
     # Without the tables the kernels never read these: pass any valid pointer.
     bias_t, kind_t, alpha_t, limit_t = extras if extras is not None else (w13_offset,) * 4
     block_m = _block_m(num_pairs)

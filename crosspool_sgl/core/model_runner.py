@@ -14,6 +14,7 @@ import torch
 
 from crosspool_sgl.core.req import Req
 from crosspool_sgl.core.sampling_batch import SamplingState, process_logits
+from crosspool_sgl.core.static_decode import DecodeRow, StaticDecodeRunner
 from crosspool_sgl.layers.attention.base import AttentionMetadata
 from crosspool_sgl.layers.sampler import SamplingRow, sample, token_logprobs
 from crosspool_sgl.mem.kv_pool import KVPool
@@ -59,12 +60,14 @@ class ModelRunner:
         kv_pool: KVPool,
         device: torch.device,
         residency: ResidencyManager | None = None,
+        static_decode: StaticDecodeRunner | None = None,
     ) -> None:
         self.models = models
         self.kv_pool = kv_pool
         self.device = device
         self.residency = residency
         self.sampling_state = SamplingState(device)
+        self.static_decode = static_decode  # pure-decode steps on persistent buffers / CUDA graphs
 
     def release_sampling(self, req: Req) -> None:
         """A finished request's sampling state (its output-token counts) is dropped."""
@@ -77,9 +80,32 @@ class ModelRunner:
         if self.residency is not None:  # fallback: the scheduler should only run ready models
             self.residency.ensure_resident(by_model, wait=True)
         results: dict[str, StepResult] = {}
+        hidden = self._run_static_decode(by_model)
         for model, group in by_model.items():
-            results.update(self._run_model(self.models[model], group))
+            if hidden is not None:
+                results.update(self._logits_and_sample(self.models[model], group, hidden[model]))
+            else:
+                results.update(self._run_model(self.models[model], group))
         return results
+
+    def _run_static_decode(
+        self, by_model: dict[str, list[tuple[Req, int]]]
+    ) -> dict[str, torch.Tensor] | None:
+        """Hidden states per model when the step is pure decode and fits a static bucket, else None.
+
+        Pure decode: every row is one token that ends its sequence (sampling follows). Sampling,
+        grammars, penalties and logprobs then run on these rows exactly as after an eager forward.
+        """
+        if self.static_decode is None:
+            return None
+        rows: dict[str, list[DecodeRow]] = {}
+        for model, group in by_model.items():
+            for req, n in group:
+                if n != 1 or req.num_cached + 1 != len(req.input_ids) + len(req.output_ids):
+                    return None
+                last = req.output_ids[-1] if req.output_ids else req.input_ids[-1]
+                rows.setdefault(model, []).append(DecodeRow(last, req.num_cached, req.pages))
+        return self.static_decode.run(rows)
 
     def _run_model(self, model: DecoderModel, group: list[tuple[Req, int]]) -> dict[str, StepResult]:
         ids, positions, meta = pack_batch(group, self.kv_pool.page_tokens, self.device)

@@ -75,11 +75,15 @@ def run_ffn(
 ) -> torch.Tensor:
     """x [T, H], slot_ids [T, K] (weights-pool slots), slot_weights [T, K] -> [T, H]."""
     t = pool.tables()
+    kwargs = t.ffn_kwargs
     if x.device.type == "cuda":
         from kernels.fused_moe import fused_moe as impl
+
+        if torch.cuda.is_current_stream_capturing():  # no host sync allowed: size by the tables
+            kwargs = {**kwargs, "max_inter": t.max_inter}
     else:
         from kernels.fused_moe import fused_moe_torch as impl
     return impl(
         x, slot_ids, slot_weights, pool.arena, t.w13_offset, t.w2_offset, t.hidden_size, t.inter_size,
-        **t.ffn_kwargs,
+        **kwargs,
     )  # fmt: skip

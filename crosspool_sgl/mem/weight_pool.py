@@ -73,6 +73,7 @@ class SlotTables:
     act_alpha: torch.Tensor  # float32
     act_limit: torch.Tensor  # float32
     has_extras: bool = False  # some slot has biases or a non-silu activation
+    max_inter: int = 0  # the largest I of any slot (host int: sizes fused_moe's buffer without a sync)
 
     @property
     def ffn_kwargs(self) -> dict[str, torch.Tensor]:
@@ -277,6 +278,7 @@ class WeightPool:
                 act_alpha=torch.tensor([a.alpha for a in acts], dtype=torch.float32, device=self.device),
                 act_limit=torch.tensor([a.limit for a in acts], dtype=torch.float32, device=self.device),
                 has_extras=any(self._slot_has_bias) or any(a != SILU for a in acts),
+                max_inter=max(r[3] for r in self._slot_rows or [(0, 0, 0, 0)]),
             )
         return self._tables
 
