@@ -12,7 +12,9 @@ hidden/intermediate sizes can share a launch:
              s = topk_ids[t, k]
 
 A negative `topk_ids[t, k]` is padding: that pair adds nothing (so one launch can carry models
-with different K, each row padded to the widest). Optional per-slot tables (keyword arguments, all four or none; without them every slot is
+with different K, each row padded to the widest).
+
+Optional per-slot tables (keyword arguments, all four or none; without them every slot is
 act = silu(g) * u with no biases) carry what gpt-oss and friends need:
 
     bias_offset[s]  -1, or the offset of [bg_s (I) | bu_s (I) | b2_s (H)] in the arena

@@ -36,7 +36,9 @@ def gather_rows(arena: torch.Tensor, offsets: torch.Tensor, length: int) -> torc
     return windows.index_select(0, offsets)
 
 
-def class_keys(hidden: torch.Tensor, inter: torch.Tensor, kind: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def class_keys(
+    hidden: torch.Tensor, inter: torch.Tensor, kind: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
     """Per pair int64 key of its shape class (H, I < 2^24, kind < 2^7): [P] each -> [P]."""
     return (((hidden.long() << 24) | inter.long()) << 8) | (kind.long() << 1) | (bias >= 0).long()
 
