@@ -544,7 +544,8 @@ def fused_moe_torch(
     """Same result as `fused_moe` in plain torch, accumulated in fp32: the CPU serving path.
 
     Pairs are grouped by shape class (kernels/moe_gather.py); a class whose gathered weights
-    fit `GATHER_BUDGET` runs as two batched GEMMs, a bigger one slot by slot on arena views.
+    are small (kernels/moe_gather.py's budgets) runs as two batched products, a bigger one slot
+    by slot on arena views.
     """
     _check_inputs(
         hidden_states, topk_ids, topk_weights, arena, w13_offset, w2_offset, hidden_size, inter_size
@@ -568,7 +569,8 @@ def fused_moe_torch(
         shape = decode_key(key)
         hidden, inter = shape[0], shape[1]
         sel = torch.arange(len(slots)) if len(keys) == 1 else (inverse == c).nonzero().squeeze(1)
-        if sel.numel() * 3 * inter * hidden > moe_gather.GATHER_BUDGET:
+        per_pair = 3 * inter * hidden
+        if per_pair > moe_gather.GATHER_PAIR_MAX or sel.numel() * per_pair > moe_gather.GATHER_BUDGET:
             _per_slot_loop(hidden_states, acc, tokens[sel], slots[sel], weights[sel], arena, tables)
             continue
         tok = tokens[sel]

@@ -1,14 +1,15 @@
-"""The CPU fused-MoE path for small batches: slots of one shape share one batched GEMM.
+"""The CPU fused-MoE path for small batches: slots of one shape share one batched product.
 
 A decode step of several models routes a handful of tokens to dozens of different slots;
 `fused_moe_torch`'s per-slot loop then pays ~10 torch calls per slot, far more than the
 tiny GEMMs themselves. Here the (token, k) pairs are grouped by *shape class* — slots with
-the same (H, I, activation kind, has biases) — and each class runs as two `bmm`s over the
-pairs' weight matrices, gathered from the arena: an overlapping strided view of the arena
-whose row r starts at element r, so `index_select` with the slots' offsets copies exactly
-their matrices (no index tensor of the matrix size is built). Gathering costs one copy of a
-matrix per pair, so `fused_moe_torch` uses this only while the copies stay small (see
-`GATHER_BUDGET`) and keeps the per-slot loop for prefill-sized batches and big experts.
+the same (H, I, activation kind, has biases) — and each class runs as two batched
+matrix-vector products over the pairs' weight matrices, gathered from the arena: an
+overlapping strided view of the arena whose row r starts at element r, so `index_select`
+with the slots' offsets copies exactly their matrices (no index tensor of the matrix size is
+built). Gathering costs one copy of a matrix per pair, so `fused_moe_torch` uses this only
+while the copies stay small (`GATHER_PAIR_MAX`, `GATHER_BUDGET`) and keeps the per-slot
+loop for prefill-sized batches and big experts.
 
 Imports only torch; `kernels/fused_moe.py` calls it (never the other way round).
 
@@ -23,10 +24,15 @@ import torch.nn.functional as F
 
 ACT_SWIGLU_CLAMPED = 1  # kernels/fused_moe.py's code; a test keeps them equal
 
-# Largest number of arena elements one class may gather (pairs * 3*I*H). Measured on a 2-core
-# x86 CPU, fp32 (benchmarks/results/control_overhead.md): at 8 pairs of 64x48 experts the
-# gathered bmm takes 0.09 ms against 0.55 ms for the per-slot loop; past ~4M elements (a few
-# pairs of a 2048x768 expert) the copy costs more than the loop's per-call overhead saves.
+# When a class is gathered (fused_moe_torch): each pair's matrices (3*I*H elements) at most
+# GATHER_PAIR_MAX, all of the class's at most GATHER_BUDGET. A gathered pair costs a copy of its
+# matrices; a slot of the loop costs ~10 torch calls. Measured with fused_moe_torch, fp32, 1 thread,
+# on the shared 2-core x86 box (load ~4, so only the ratios mean much), loop vs gather in ms:
+# 8 models x 1 token of 64x48 experts 1.98 vs 0.55; 8 tokens of 3 models 1.78 vs 1.40; 32-token
+# prefill 1.04 vs 0.81; 4 tokens of 256x128 experts 1.60 vs 1.32; but 1 token of 512x256 experts
+# 0.89 vs 1.38, 4 tokens 3.98 vs 4.72, a 256-token prefill of 64x48 experts 3.98 vs 17.4 and
+# 4 tokens of 1024x512 experts 9.9 vs 44.0.
+GATHER_PAIR_MAX = 1 << 17
 GATHER_BUDGET = 1 << 22
 
 
@@ -48,6 +54,12 @@ def decode_key(key: int) -> tuple[int, int, int, bool]:
     return key >> 32, (key >> 8) & ((1 << 24) - 1), (key >> 1) & 127, bool(key & 1)
 
 
+def _batched_matvec(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w [P, N, D], x [P, D] -> [P, N]. A broadcast multiply and a sum: CPU `bmm` with one column
+    takes a slow path (0.10 ms against 0.03 ms for 5 x [256, 64] fp32, 2-core x86)."""
+    return (w * x[:, None, :]).sum(-1)
+
+
 def class_ffn(
     x: torch.Tensor,
     slots: torch.Tensor,
@@ -63,7 +75,7 @@ def class_ffn(
     w13_offset, w2_offset, bias_offset, alpha, limit = tables
     num = slots.shape[0]
     w13 = gather_rows(arena, w13_offset[slots], 2 * inter * hidden).view(num, 2 * inter, hidden)
-    gate_up = torch.bmm(w13, x.unsqueeze(2)).squeeze(2)  # [P, 2I]
+    gate_up = _batched_matvec(w13, x)  # [P, 2I]
     if has_bias:
         bias = bias_offset[slots]  # [P]
         gate_up = gate_up + gather_rows(arena, bias, 2 * inter)
@@ -75,7 +87,7 @@ def class_ffn(
     else:
         act = F.silu(gate) * up  # [P, I]
     w2 = gather_rows(arena, w2_offset[slots], hidden * inter).view(num, hidden, inter)
-    down = torch.bmm(w2, act.unsqueeze(2)).squeeze(2)  # [P, H]
+    down = _batched_matvec(w2, act)  # [P, H]
     if has_bias:
         down = down + gather_rows(arena, bias + 2 * inter, hidden)
     return down

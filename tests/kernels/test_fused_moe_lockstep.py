@@ -70,6 +70,7 @@ def test_torch_strategies_are_exact(monkeypatch, budget: int, extras: bool) -> N
         return real(*a, **k)
 
     monkeypatch.setattr(moe_gather, "GATHER_BUDGET", budget)
+    monkeypatch.setattr(moe_gather, "GATHER_PAIR_MAX", budget)
     monkeypatch.setattr(fused_moe_module, "class_ffn", counted)
     torch.manual_seed(12)
     check_mixed(fused_moe_torch, torch.float32, extras)
