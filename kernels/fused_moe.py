@@ -568,7 +568,10 @@ def fused_moe_torch(
     for c, key in enumerate(keys.tolist()):
         shape = decode_key(key)
         hidden, inter = shape[0], shape[1]
-        sel = torch.arange(len(slots)) if len(keys) == 1 else (inverse == c).nonzero().squeeze(1)
+        if len(keys) == 1:
+            sel = torch.arange(len(slots), device=slots.device)  # [n] pairs of this class
+        else:
+            sel = (inverse == c).nonzero().squeeze(1)
         per_pair = 3 * inter * hidden
         if per_pair > moe_gather.GATHER_PAIR_MAX or sel.numel() * per_pair > moe_gather.GATHER_BUDGET:
             _per_slot_loop(hidden_states, acc, tokens[sel], slots[sel], weights[sel], arena, tables)
