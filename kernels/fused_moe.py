@@ -11,6 +11,9 @@ hidden/intermediate sizes can share a launch:
     out[t] = sum_k topk_weights[t, k] * (W2_s @ act_s(Wg_s @ x_t + bg_s, Wu_s @ x_t + bu_s) + b2_s),
              s = topk_ids[t, k]
 
+A negative `topk_ids[t, k]` is padding: that pair adds nothing (so one launch can carry models
+with different K, each row padded to the widest).
+
 Optional per-slot tables (keyword arguments, all four or none; without them every slot is
 act = silu(g) * u with no biases) carry what gpt-oss and friends need:
 
@@ -34,6 +37,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from kernels import moe_gather
+from kernels.moe_gather import class_ffn, class_keys, decode_key
 
 try:
     import triton
@@ -226,27 +232,30 @@ def align_pairs_to_slots(
     Returns `sorted_pair_ids` [NB * block_m] int32 (pair id t*K + k; P marks padding) and
     `block_slot` [NB] int32 (the slot of each block; -1 for unused trailing blocks). NB is an
     upper bound known without reading the ids back to the host: every used slot wastes at most
-    one partially filled block, so NB = cdiv(P, block_m) + min(P, S).
+    one partially filled block, so NB = cdiv(P, block_m) + min(P, S + 1). Pairs with a negative
+    id (padding) are grouped under a sentinel slot S whose blocks get -1: no program runs them,
+    so their rows of the per-pair output stay 0.
     """
+    num_pairs = topk_ids.numel()
     flat = topk_ids.reshape(-1).long()  # [P]
-    num_pairs = flat.numel()
+    flat = torch.where(flat < 0, num_slots, flat)  # padding pairs go to a sentinel slot S, sorted last
     device = flat.device
-    counts = torch.zeros(num_slots, dtype=torch.long, device=device)  # [S]
+    counts = torch.zeros(num_slots + 1, dtype=torch.long, device=device)  # [S + 1]
     counts.scatter_add_(0, flat, torch.ones_like(flat))  # bincount would sync on CUDA
     blocks_per_slot = (counts + block_m - 1) // block_m  # [S]
-    block_end = torch.cumsum(blocks_per_slot, 0)  # [S]
-    pair_start = torch.cumsum(counts, 0) - counts  # [S] first sorted position of each slot
+    block_end = torch.cumsum(blocks_per_slot, 0)  # [S + 1]
+    pair_start = torch.cumsum(counts, 0) - counts  # [S + 1] first sorted position of each slot
 
     order = torch.argsort(flat, stable=True)  # [P] pair ids grouped by slot
     sorted_slot = flat[order]  # [P]
     rank = torch.arange(num_pairs, device=device) - pair_start[sorted_slot]  # [P] rank inside its slot
     dest = (block_end - blocks_per_slot)[sorted_slot] * block_m + rank  # [P] padded position
 
-    num_blocks = -(-num_pairs // block_m) + min(num_pairs, num_slots)
+    num_blocks = -(-num_pairs // block_m) + min(num_pairs, num_slots + 1)
     sorted_pair_ids = torch.full((num_blocks * block_m,), num_pairs, dtype=torch.int32, device=device)
     sorted_pair_ids[dest] = order.to(torch.int32)
     block_ids = torch.arange(num_blocks, device=device)
-    block_slot = torch.searchsorted(block_end, block_ids, right=True)  # [NB]; S past the last block
+    block_slot = torch.searchsorted(block_end, block_ids, right=True)  # [NB]; >= S: padding or unused
     block_slot = torch.where(block_slot < num_slots, block_slot, -1).to(torch.int32)
     return sorted_pair_ids, block_slot
 
@@ -313,6 +322,8 @@ def _check_used_slots(
     """
     num_slots = w13_offset.shape[0]
     ids = topk_ids.reshape(-1).long()  # [P]
+    real = ids >= 0  # negative ids are padding and read nothing
+    ids = torch.where(real, ids, ids.max())  # padding takes the stats of a real pair (or of none)
     safe = ids.clamp(0, num_slots - 1)  # gather safely; out-of-range ids are reported below
     h = hidden_size[safe].long()  # [P]
     i = inter_size[safe].long()  # [P]
@@ -323,7 +334,9 @@ def _check_used_slots(
     starts = torch.minimum(w13_offset[safe], w2_offset[safe])  # [P]
     stats = torch.stack((ids.min(), ids.max(), i.min(), i.max(), h.min(), h.max(), starts.min(), ends.max()))
     min_id, max_id, min_i, max_i, min_h, max_h, min_start, max_end = stats.tolist()
-    if min_id < 0 or max_id >= num_slots:
+    if max_id < 0:  # every pair is padding
+        return 1
+    if max_id >= num_slots:
         raise IndexError(f"topk_ids outside [0, {num_slots}): [{min_id}, {max_id}]")
     if min_h <= 0 or min_i <= 0 or min_start < 0:
         raise ValueError("slots in use must have positive sizes and non-negative offsets")
@@ -448,56 +461,31 @@ def fused_moe(
     return per_pair.view(num_tokens, top_k, width).sum(dim=1).to(hidden_states.dtype)
 
 
-def _group_pairs_by_slot(topk_ids: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
-    """Pair ids sorted by slot, plus the used slots and their pair counts (host lists)."""
-    flat = topk_ids.reshape(-1).long()  # [P]
-    order = torch.argsort(flat, stable=True)  # [P]
-    slots, counts = torch.unique_consecutive(flat[order], return_counts=True)
-    return order, slots.tolist(), counts.tolist()
-
-
-def fused_moe_torch(
+def _per_slot_loop(
     hidden_states: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
+    acc: torch.Tensor,
+    tokens: torch.Tensor,
+    slot_ids: torch.Tensor,
+    weights: torch.Tensor,
     arena: torch.Tensor,
-    w13_offset: torch.Tensor,
-    w2_offset: torch.Tensor,
-    hidden_size: torch.Tensor,
-    inter_size: torch.Tensor,
-    *,
-    bias_offset: torch.Tensor | None = None,
-    act_kind: torch.Tensor | None = None,
-    act_alpha: torch.Tensor | None = None,
-    act_limit: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Same result as `fused_moe` in plain torch: two GEMMs per used slot on views into the arena.
+    tables: tuple[torch.Tensor, ...],
+) -> None:
+    """Adds the pairs' outputs into acc [T, W] fp32, two GEMMs per used slot on views into the arena.
 
-    The CPU serving path: it touches only the slots the batch routes to and accumulates in fp32.
+    tokens/slot_ids/weights [P] per pair; `tables` as `_torch_tables`. The path for many tokens
+    per slot (prefill) and for experts too big to gather (see kernels/moe_gather.py).
     """
-    _check_inputs(
-        hidden_states, topk_ids, topk_weights, arena, w13_offset, w2_offset, hidden_size, inter_size
-    )
-    extras = _ffn_extras(bias_offset, act_kind, act_alpha, act_limit, w13_offset)
-    num_tokens, width = hidden_states.shape
-    top_k = topk_ids.shape[1]
-    acc = torch.zeros((num_tokens, width), dtype=torch.float32, device=hidden_states.device)  # [T, Hmax]
-    if topk_ids.numel() == 0:
-        return acc.to(hidden_states.dtype)
-    order, slots, counts = _group_pairs_by_slot(topk_ids)
-    tokens = order // top_k  # [P] token of each sorted pair
-    weights = topk_weights.reshape(-1)[order].to(torch.float32)  # [P]
-    table = torch.stack([w13_offset.long(), w2_offset.long(), hidden_size.long(), inter_size.long()], dim=1)
-    used = torch.tensor(slots, device=table.device)
-    rows = table[used].tolist()  # per used slot: w13, w2, H, I
-    if extras is None:
-        ffn = [(-1, ACT_SILU, 1.0, 0.0)] * len(slots)
-    else:
-        bias_t, kind_t, alpha_t, limit_t = (t[used].tolist() for t in extras)
-        ffn = list(zip(bias_t, kind_t, alpha_t, limit_t, strict=True))
-
-    start = 0
-    for (w13, w2, hidden, inter), (bias, kind, alpha, limit), count in zip(rows, ffn, counts, strict=True):
+    order = torch.argsort(slot_ids, stable=True)  # [P]
+    slots, counts = torch.unique_consecutive(slot_ids[order], return_counts=True)
+    tokens, weights = tokens[order], weights[order]
+    w13_t, w2_t, hidden_t, inter_t, bias_t, kind_t, alpha_t, limit_t = tables
+    table = torch.stack([w13_t, w2_t, hidden_t, inter_t, bias_t, kind_t], dim=1)  # [S, 6] int64
+    rows = table[slots].tolist()
+    acts = torch.stack([alpha_t, limit_t], dim=1)[slots].tolist()
+    start, width = 0, acc.shape[1]
+    for (w13, w2, hidden, inter, bias, kind), (alpha, limit), count in zip(
+        rows, acts, counts.tolist(), strict=True
+    ):
         tok = tokens[start : start + count]  # [n]
         w13_view = arena[w13 : w13 + 2 * inter * hidden].view(2 * inter, hidden)  # [2I, H]
         w2_view = arena[w2 : w2 + hidden * inter].view(hidden, inter)  # [H, I]
@@ -518,6 +506,84 @@ def fused_moe_torch(
         # for 40 rows of 1536 into [256, 2048] on CPU), so pad the rows to Hmax instead.
         acc.index_add_(0, tok, down if hidden == width else F.pad(down, (0, width - hidden)))
         start += count
+
+
+def _torch_tables(
+    w13_offset: torch.Tensor,
+    w2_offset: torch.Tensor,
+    hidden_size: torch.Tensor,
+    inter_size: torch.Tensor,
+    extras: tuple[torch.Tensor, ...] | None,
+) -> tuple[torch.Tensor, ...]:
+    """(w13, w2, H, I, bias, kind) int64 and (alpha, limit) float32 tables [S], extras filled in."""
+    num_slots = w13_offset.shape[0]
+    if extras is None:
+        device = w13_offset.device
+        extras = (
+            torch.full((num_slots,), -1, dtype=torch.int64, device=device),
+            torch.full((num_slots,), ACT_SILU, dtype=torch.int64, device=device),
+            torch.ones(num_slots, device=device),
+            torch.zeros(num_slots, device=device),
+        )
+    bias, kind, alpha, limit = extras
+    ints = (w13_offset, w2_offset, hidden_size, inter_size, bias, kind)
+    return (*(t.long() for t in ints), alpha.float(), limit.float())
+
+
+def fused_moe_torch(
+    hidden_states: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    arena: torch.Tensor,
+    w13_offset: torch.Tensor,
+    w2_offset: torch.Tensor,
+    hidden_size: torch.Tensor,
+    inter_size: torch.Tensor,
+    *,
+    bias_offset: torch.Tensor | None = None,
+    act_kind: torch.Tensor | None = None,
+    act_alpha: torch.Tensor | None = None,
+    act_limit: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same result as `fused_moe` in plain torch, accumulated in fp32: the CPU serving path.
+
+    Pairs are grouped by shape class (kernels/moe_gather.py); a class whose gathered weights
+    are small (kernels/moe_gather.py's budgets) runs as two batched products, a bigger one slot
+    by slot on arena views.
+    """
+    _check_inputs(
+        hidden_states, topk_ids, topk_weights, arena, w13_offset, w2_offset, hidden_size, inter_size
+    )
+    extras = _ffn_extras(bias_offset, act_kind, act_alpha, act_limit, w13_offset)
+    num_tokens, width = hidden_states.shape
+    acc = torch.zeros((num_tokens, width), dtype=torch.float32, device=hidden_states.device)  # [T, Hmax]
+    flat = topk_ids.reshape(-1).long()  # [P]
+    pairs = (flat >= 0).nonzero().squeeze(1)  # [P'] real pairs; negative ids are padding
+    if pairs.numel() == 0:
+        return acc.to(hidden_states.dtype)
+    slots, tokens = flat[pairs], pairs // topk_ids.shape[1]  # [P'] each
+    weights = topk_weights.reshape(-1)[pairs].to(torch.float32)  # [P']
+    tables = _torch_tables(w13_offset, w2_offset, hidden_size, inter_size, extras)
+    if slots.max() >= tables[0].shape[0]:
+        raise IndexError(f"topk_ids outside [0, {tables[0].shape[0]}): max {int(slots.max())}")
+    hidden_t, inter_t, bias_t, kind_t = (t[slots] for t in tables[2:6])
+    keys, inverse = torch.unique(class_keys(hidden_t, inter_t, kind_t, bias_t), return_inverse=True)
+    gather_tables = (tables[0], tables[1], tables[4], tables[6], tables[7])
+    for c, key in enumerate(keys.tolist()):
+        shape = decode_key(key)
+        hidden, inter = shape[0], shape[1]
+        if len(keys) == 1:
+            sel = torch.arange(len(slots), device=slots.device)  # [n] pairs of this class
+        else:
+            sel = (inverse == c).nonzero().squeeze(1)
+        per_pair = 3 * inter * hidden
+        if per_pair > moe_gather.GATHER_PAIR_MAX or sel.numel() * per_pair > moe_gather.GATHER_BUDGET:
+            _per_slot_loop(hidden_states, acc, tokens[sel], slots[sel], weights[sel], arena, tables)
+            continue
+        tok = tokens[sel]
+        down = class_ffn(hidden_states[tok, :hidden], slots[sel], arena, gather_tables, shape)  # [n, H]
+        down = down.to(torch.float32) * weights[sel, None]
+        acc.index_add_(0, tok, down if hidden == width else F.pad(down, (0, width - hidden)))
     return acc.to(hidden_states.dtype)
 
 
@@ -548,6 +614,8 @@ def fused_moe_ref(
     for t in range(topk_ids.shape[0]):
         for k in range(topk_ids.shape[1]):
             s = int(topk_ids[t, k])
+            if s < 0:  # padding
+                continue
             w13, w2 = int(w13_offset[s]), int(w2_offset[s])
             hidden, inter = int(hidden_size[s]), int(inter_size[s])
             w_gate = arena64[w13 : w13 + inter * hidden].view(inter, hidden)  # [I, H]

@@ -1,7 +1,10 @@
 """Runs one scheduled step: every model's share of the batch, then sampling.
 
 Requests of different models share the step; each model's tokens are packed
-into one forward pass (prefill chunks and decodes mixed). Logits are computed
+into one batch (prefill chunks and decodes mixed), and by default the models run
+in lockstep (models/lockstep.py): layer by layer, with one FFN call per layer
+index for all of them; `lockstep=False` runs each model's forward in turn (the
+old path, kept for comparison). Logits are computed
 only for the rows that need them: the last token of a request whose prompt is
 now fully cached, and prompt positions whose logprobs were asked for.
 """
@@ -20,6 +23,7 @@ from crosspool_sgl.layers.sampler import SamplingRow, sample, token_logprobs
 from crosspool_sgl.mem.kv_pool import KVPool
 from crosspool_sgl.mem.residency_manager import ResidencyManager
 from crosspool_sgl.models.decoder import DecoderModel
+from crosspool_sgl.models.lockstep import ModelSlice, lockstep_forward
 
 
 @dataclass
@@ -61,8 +65,10 @@ class ModelRunner:
         device: torch.device,
         residency: ResidencyManager | None = None,
         static_decode: StaticDecodeRunner | None = None,
+        lockstep: bool = True,
     ) -> None:
         self.models = models
+        self.lockstep = lockstep  # False: each model's whole forward in turn (M * L FFN calls)
         self.kv_pool = kv_pool
         self.device = device
         self.residency = residency
@@ -81,11 +87,16 @@ class ModelRunner:
             self.residency.ensure_resident(by_model, wait=True)
         results: dict[str, StepResult] = {}
         hidden = self._run_static_decode(by_model)
-        for model, group in by_model.items():
-            if hidden is not None:
-                results.update(self._logits_and_sample(self.models[model], group, hidden[model]))
-            else:
+        if hidden is not None:
+            hiddens = [hidden[model] for model in by_model]
+        elif self.lockstep:
+            hiddens = self._forward_lockstep(by_model)
+        else:  # each model's whole forward in turn
+            for model, group in by_model.items():
                 results.update(self._run_model(self.models[model], group))
+            return results
+        for (model, group), h in zip(by_model.items(), hiddens, strict=True):
+            results.update(self._logits_and_sample(self.models[model], group, h))
         return results
 
     def _run_static_decode(
@@ -106,6 +117,15 @@ class ModelRunner:
                 last = req.output_ids[-1] if req.output_ids else req.input_ids[-1]
                 rows.setdefault(model, []).append(DecodeRow(last, req.num_cached, req.pages))
         return self.static_decode.run(rows)
+
+    def _forward_lockstep(self, by_model: dict[str, list[tuple[Req, int]]]) -> list[torch.Tensor]:
+        """Final hidden states [T, H] of each model's group (in order), one FFN call per layer index."""
+        slices = []
+        for model, group in by_model.items():
+            ids, positions, meta = pack_batch(group, self.kv_pool.page_tokens, self.device)
+            kv = self.kv_pool.kv_view(model)
+            slices.append(ModelSlice.embed(self.models[model], ids, positions, meta, kv))
+        return lockstep_forward(slices)
 
     def _run_model(self, model: DecoderModel, group: list[tuple[Req, int]]) -> dict[str, StepResult]:
         ids, positions, meta = pack_batch(group, self.kv_pool.page_tokens, self.device)

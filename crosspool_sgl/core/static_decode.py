@@ -138,6 +138,9 @@ class ModelSlice:
         self.meta.write_slots.copy_(ints[3])
         self.meta.seq_lens.copy_(ints[4])
         self.meta.page_table.copy_(table, non_blocking=True)
+        # values derived from the old contents (rope cos/sin, decode masks) belong to the last step;
+        # inside a CUDA graph they are recomputed on replay, eagerly they must be rebuilt
+        self.meta.step_cache.clear()
         return pages, seq_lens
 
     def inputs(self) -> ModelInputs:

@@ -96,10 +96,18 @@ class RotaryEmbedding:
         return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
 
     def __call__(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cache: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.cos_sin(positions, q.dtype)
-        cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, R]
+        """Rotated (q, k). `cache` (the step's `AttentionMetadata.step_cache`) keeps cos/sin for the
+        other layers of the forward: the positions are the same in every layer."""
+        key = ("rope", id(self), q.dtype)
+        cos_sin = None if cache is None else cache.get(key)
+        if cos_sin is None:
+            cos, sin = self.cos_sin(positions, q.dtype)
+            cos_sin = cos[:, None, :], sin[:, None, :]  # [T, 1, R]
+            if cache is not None:
+                cache[key] = cos_sin
+        cos, sin = cos_sin
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

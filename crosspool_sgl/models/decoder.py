@@ -120,7 +120,7 @@ class DecoderModel:
         if cfg.qk_norm == "per_head":  # Qwen3: norm over each head's dim
             q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
             k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
-        q, k = self.rotary(positions, q, k)
+        q, k = self.rotary(positions, q, k, meta.step_cache)
         out = self.attn_backend.forward(
             q, k, v, kv, i, meta, self.scale, cfg.sliding_windows[i], sinks=lw.sinks
         )  # [T, Hq, D]

@@ -87,7 +87,8 @@ def mla_attention(
     compressed = F.linear(x, w.kv_a_proj, w.kv_a_bias)  # [T, R + r]
     latent, k_rope = compressed.split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
     latent = rms_norm(latent, w.kv_a_norm, eps)  # [T, R]
-    q_rope, k_rope = model.rotary(positions, q_rope, k_rope.unsqueeze(1))  # [T, Hq, r], [T, 1, r]
+    # [T, Hq, r], [T, 1, r]
+    q_rope, k_rope = model.rotary(positions, q_rope, k_rope.unsqueeze(1), meta.step_cache)
     q_latent = torch.einsum("thd,hdr->thr", q_nope, w.w_uk)  # [T, Hq, R]
     q_full = torch.cat((q_latent, q_rope), dim=-1)  # [T, Hq, R + r]
     k_full = torch.cat((latent.unsqueeze(1), k_rope), dim=-1)  # [T, 1, R + r]

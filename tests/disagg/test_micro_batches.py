@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from crosspool_sgl.disagg.pipeline import choose_num_micro_batches, split_micro_batches
+from crosspool_sgl.disagg.pipeline import choose_num_micro_batches, deal_micro_batches, split_micro_batches
 from crosspool_sgl.disagg.trace import FFNCall, StepTrace
 
 
@@ -31,6 +31,15 @@ def test_split_never_cuts_a_request_or_mixes_models_and_keeps_order():
 def test_split_stops_when_nothing_can_be_split():
     assert len(split_micro_batches({"a": _group(5)}, 4)) == 1
     assert len(split_micro_batches({"a": _group(1), "b": _group(1)}, 1)) == 2  # one per model at least
+
+
+def test_deal_puts_several_models_in_a_micro_batch_balanced_and_in_order():
+    pieces = [("a", _group(10)), ("b", _group(2)), ("c", _group(3)), ("d", _group(6))]
+    assert deal_micro_batches(pieces, 1) == [[0, 1, 2, 3]]  # lockstep: every model in one
+    two = deal_micro_batches(pieces, 2)
+    assert sorted(j for mb in two for j in mb) == [0, 1, 2, 3] and all(mb == sorted(mb) for mb in two)
+    assert sorted(sum(pieces[j][1][0][1] for j in mb) for mb in two) == [10, 11]  # tokens per micro-batch
+    assert sorted(deal_micro_batches(pieces, 9)) == [[0], [1], [2], [3]]  # never an empty micro-batch
 
 
 def test_trace_summary_counts_overlap():

@@ -55,6 +55,13 @@ def moe_tests() -> ModuleType:
 
 
 @pytest.fixture
+def lockstep_tests() -> ModuleType:
+    if _interpreter_on():
+        pytest.skip("Triton's interpreter is on in this process; test_cases_in_a_compiled_process runs these")
+    return _load_cpu_tests("test_fused_moe_lockstep")
+
+
+@pytest.fixture
 def attention_tests() -> ModuleType:
     if _interpreter_on():
         pytest.skip("Triton's interpreter is on in this process; test_cases_in_a_compiled_process runs these")
@@ -85,6 +92,17 @@ def test_fused_moe_serving_sizes(moe_tests: ModuleType, dtype: torch.dtype) -> N
     for tokens in ([3, 5], [200, 100]):
         torch.manual_seed(sum(tokens))
         moe_tests.check_fused_moe(fused_moe, models, tokens, 4, 768, dtype, "cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_moe_lockstep_rows(lockstep_tests: ModuleType, dtype: torch.dtype) -> None:
+    """Three models' rows padded to one width and K (slot -1), with and without gpt-oss extras."""
+    from kernels.fused_moe import fused_moe, fused_moe_torch
+
+    for fn in (fused_moe, fused_moe_torch):
+        for extras in (False, True):
+            torch.manual_seed(11)
+            lockstep_tests.check_mixed(fn, dtype, extras, "cuda")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

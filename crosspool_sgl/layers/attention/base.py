@@ -16,7 +16,7 @@ Dv = value width (D, or the latent rank for MLA).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +33,8 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     extend_lens_cpu: list[int]
     page_tokens: int
+    # Tensors derived from this metadata that every layer would rebuild (the decode mask, ...).
+    step_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def is_decode(self) -> bool:

@@ -77,15 +77,27 @@ class TorchAttentionBackend(AttentionBackend):
         return out
 
     def _decode(self, q, kv, layer, meta: AttentionMetadata, scale, sliding_window, sinks, value_dim):
-        max_pages = -(-max(meta.seq_lens_cpu) // meta.page_tokens)
-        pages = meta.page_table[:, :max_pages].long()  # [B, P]
+        pages, mask = self._decode_pages_and_mask(meta, sliding_window)
         keys, values = kv_planes(kv, pages, layer, value_dim)
         keys, values = keys.flatten(1, 2), values.flatten(1, 2)  # [B, P*PT, Hkv, D|Dv]
+        qh = q.unsqueeze(2)  # [B, Hq, 1, D]
+        kh, vh = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, S, D|Dv]
+        return sdpa(qh, kh, vh, mask, scale, sinks).squeeze(2)
+
+    @staticmethod
+    def _decode_pages_and_mask(meta: AttentionMetadata, sliding_window: int | None):
+        """Page ids [B, P] and mask [B, 1, 1, S] of a decode step: the same for every layer, so
+        built once per step and window and kept in `meta.step_cache`."""
+        key = ("decode", sliding_window)
+        cached = meta.step_cache.get(key)
+        if cached is not None:
+            return cached
+        max_pages = -(-max(meta.seq_lens_cpu) // meta.page_tokens)
+        pages = meta.page_table[:, :max_pages].long()  # [B, P]
         q_pos = (meta.seq_lens - 1).long()  # [B]
-        k_pos = torch.arange(keys.shape[1], device=q.device)
+        k_pos = torch.arange(max_pages * meta.page_tokens, device=pages.device)
         mask = k_pos[None, :] <= q_pos[:, None]  # [B, S]
         if sliding_window:
             mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
-        qh = q.unsqueeze(2)  # [B, Hq, 1, D]
-        kh, vh = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, S, D|Dv]
-        return sdpa(qh, kh, vh, mask[:, None, None, :], scale, sinks).squeeze(2)
+        meta.step_cache[key] = pages, mask[:, None, None, :]
+        return meta.step_cache[key]
