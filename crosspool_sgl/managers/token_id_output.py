@@ -26,6 +26,7 @@ from crosspool_sgl.core.req import ReqOutput
 from crosspool_sgl.managers.io_struct import MultiModelBatchTokenIDOutput
 
 Detokenize = Callable[[list[int]], str]
+_REPLACEMENT = "\ufffd"  # how a tokenizer decodes the bytes of an incomplete UTF-8 character
 _TAIL_SLACK = 8  # tokens beyond the longest stop string in the tail checked for a stop prefix (as the core)
 
 
@@ -101,7 +102,11 @@ class TokenIdOutputs:
 
 
 def ends_in_stop_prefix(text: str, stops: tuple[str, ...]) -> bool:
-    """True when `text` holds a stop string or ends in the beginning of one (SGLang's check)."""
+    """True when `text` holds a stop string or ends in the beginning of one (SGLang's check).
+
+    An incomplete character at the end is ignored: the detokenizer sends the text before it, so that
+    text must not end in a stop's beginning either (SGLang's check missed "ok " + half of "😀")."""
+    text = text.rstrip(_REPLACEMENT)
     for stop in stops:
         if stop in text:
             return True
