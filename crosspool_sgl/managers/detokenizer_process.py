@@ -41,7 +41,7 @@ class MultiModelDetokenizerManager(DetokenizerManager):
 
     def init_tokenizer(self, server_args: ServerArgs) -> None:
         # `self.tokenizer` is the current message's model's (see handle_batch_token_id_out); the first
-        # model's until then, for init_running_status (tool-call close tokens: none without a parser).
+        # model's until then, for init_running_status (tool-call close tokens: none, no parser is set).
         self.use_model(next(iter(self.tokenizers)))
 
     def init_request_dispatcher(self) -> None:
