@@ -29,6 +29,7 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True  # read by the detokenizer (slow tokenizers)
     no_stop_trim: bool = False
     # ---- penalties, biases, structured output (SGLang's names and ranges; see verify_sampling_surface)
     frequency_penalty: float = 0.0
@@ -191,7 +192,7 @@ def sample_seed(seed: int | None, index: int) -> int | None:
 # ---- type and range checks (run before verify(): verify's comparisons assume these types) -------
 _INT_FIELDS = ("max_new_tokens", "top_k")
 _REAL_FIELDS = ("temperature", "top_p", "min_p")
-_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "no_stop_trim")
+_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
 
 
 def _is_int(v: Any) -> bool:

@@ -1,98 +1,137 @@
-"""The detokenizer process: token ids -> cumulative text, one HF tokenizer per model.
+"""The detokenizer process: SGLang's `DetokenizerManager`, holding one tokenizer per model.
 
-Like SGLang's DetokenizerManager it sits between the scheduler and the
-tokenizer side and forwards control replies unchanged. We don't subclass
-SGLang's class: it holds one tokenizer built from the process-global
-ServerArgs and its batch messages carry one model's fields only.
+SGLang's manager does the work: incremental detokenisation with read/surrogate offsets
+(`DecodeStatus`, a window of the last step's tokens, so the cost per token does not grow with the
+output), held-back incomplete UTF-8, stop-string and stop-token trimming, and its event loop.
+The subclass overrides only what several models need:
+- `init_tokenizer`: a `{model: tokenizer}` map instead of one tokenizer from the ServerArgs;
+- `handle_batch_token_id_out`: picks the tokenizer of the message's model (the scheduler sends one
+  `MultiModelBatchTokenIDOutput` per model per step), and fails that message's requests with a 500
+  instead of ending the process when decoding raises;
+- `init_request_dispatcher`: control replies (`FlushCacheReqOutput`, `SchedulerInfoReqOutput`)
+  pass through to the tokenizer side unchanged.
 
-It also trims a matched stop string from the final text.
+Its constructor needs a published SGLang config (role "detokenizer", model-independent serving
+flags) and a `PortArgs`, of which only the two socket names are read: we build both.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import signal
-from dataclasses import dataclass, field
+from array import array
 from typing import Any
 
-import zmq
+from sglang.srt.managers.detokenizer_manager import DetokenizerManager
+from sglang.srt.managers.io_struct import BatchStrOutput
+from sglang.srt.server_args import PortArgs, ServerArgs
 
-from crosspool_sgl.core.req import ReqOutput
-from crosspool_sgl.managers.io_struct import BatchStrOutput, BatchTokenIDOutput, DetokenizeHints, StrOutput
+from crosspool_sgl.managers.io_struct import MultiModelBatchTokenIDOutput
 
 logger = logging.getLogger(__name__)
 
-_REPLACEMENT = "\ufffd"  # a partial UTF-8 sequence: hold the text back until the next token
 
+class MultiModelDetokenizerManager(DetokenizerManager):
+    """SGLang's detokenizer with a tokenizer per hosted model."""
 
-@dataclass
-class DecodeState:
-    model: str
-    hints: DetokenizeHints
-    output_ids: list[int] = field(default_factory=list)
-    text: str = ""
-
-
-class MultiModelDetokenizer:
-    def __init__(self, tokenizers: dict[str, Any]) -> None:
+    def __init__(self, server_args: ServerArgs, port_args: PortArgs, tokenizers: dict[str, Any]) -> None:
         self.tokenizers = tokenizers
-        self.states: dict[str, DecodeState] = {}
+        self.vocab_sizes = {name: _vocab_size(tok) for name, tok in tokenizers.items()}
+        super().__init__(server_args, port_args)
 
-    def handle_batch(self, batch: BatchTokenIDOutput) -> BatchStrOutput:
-        return BatchStrOutput([self.handle_one_safely(o, batch.hints.get(o.rid)) for o in batch.outputs])
+    def init_tokenizer(self, server_args: ServerArgs) -> None:
+        # `self.tokenizer` is the current message's model's (see handle_batch_token_id_out); the first
+        # model's until then, for init_running_status (tool-call close tokens: none, no parser is set).
+        self.use_model(next(iter(self.tokenizers)))
 
-    def handle_one_safely(self, out: ReqOutput, hints: DetokenizeHints | None) -> StrOutput:
-        """A failure to decode one request's tokens finishes that request with a 500, nothing else."""
+    def init_request_dispatcher(self) -> None:
+        super().init_request_dispatcher()
+        self._request_dispatcher.add_fallback_fn(lambda msg: msg)  # control replies: forward as they are
+
+    def use_model(self, model: str) -> None:
+        self.tokenizer = self.tokenizers[model]
+        self.vocab_size = self.vocab_sizes[model]
+
+    def handle_batch_token_id_out(self, recv_obj: MultiModelBatchTokenIDOutput) -> BatchStrOutput:
         try:
-            return self.handle_one(out, hints)
-        except Exception as e:
-            logger.exception("detokenizing %s failed", out.rid)
-            self.states.pop(out.rid, None)
-            reason = {"type": "abort", "message": f"detokenization failed: {e}", "status_code": 500}
-            return StrOutput(out.rid, out.model, "", [], [], [], True, reason, out.prompt_tokens, 0)
+            self.use_model(recv_obj.model)
+            return super().handle_batch_token_id_out(recv_obj)
+        except Exception as e:  # one model's bad batch must not end the process every model depends on
+            logger.exception(
+                "detokenizing %d requests of %s failed", len(recv_obj.rids or []), recv_obj.model
+            )
+            return self.failed_batch(recv_obj, f"detokenization failed: {type(e).__name__}: {e}")
 
-    def handle_one(self, out: ReqOutput, hints: DetokenizeHints | None) -> StrOutput:
-        state = self.states.get(out.rid)
-        if state is None:
-            state = self.states[out.rid] = DecodeState(out.model, hints or DetokenizeHints())
-        new_ids = list(out.new_token_ids)
-        state.output_ids += new_ids
-        text = self.decode(state)
-        if out.finished:
-            self.states.pop(out.rid, None)
-            text = self.trim_stop(text, out.finish_reason, state.hints)
-        elif not text.endswith(_REPLACEMENT):
-            state.text = text
-        else:
-            text = state.text
-        return StrOutput(
-            rid=out.rid,
-            model=out.model,
-            text=text,
-            new_token_ids=new_ids,
-            new_logprobs=list(out.new_logprobs),
-            new_top_logprobs=list(out.new_top_logprobs),
-            finished=out.finished,
-            finish_reason=out.finish_reason,
-            prompt_tokens=out.prompt_tokens,
-            completion_tokens=out.completion_tokens,
-            cached_tokens=out.cached_tokens,
-            num_retractions=out.num_retractions,
-            input_logprobs=out.input_logprobs,
-            input_top_logprobs=out.input_top_logprobs,
+    def failed_batch(self, recv_obj: MultiModelBatchTokenIDOutput, message: str) -> BatchStrOutput:
+        """Finish every request of the message with a 500 (their decode states are dropped)."""
+        rids = list(recv_obj.rids or [])
+        for rid in rids:
+            self.decode_status.pop(rid, None)
+        n = len(rids)
+        reason = {"type": "abort", "message": message, "status_code": 500}
+        return BatchStrOutput(
+            rids=rids,
+            http_worker_ipcs=[None] * n,
+            finished_reasons=[dict(reason) for _ in rids],
+            output_strs=[""] * n,
+            output_ids=[array("q") for _ in rids],
+            prompt_tokens=list(recv_obj.prompt_tokens),
+            completion_tokens=[0] * n,
+            reasoning_tokens=[0] * n,
+            cached_tokens=list(recv_obj.cached_tokens),
+            **dict.fromkeys(_UNUSED_STR_FIELDS),
         )
 
-    def decode(self, state: DecodeState) -> str:
-        tok = self.tokenizers[state.model]
-        return tok.decode(state.output_ids, skip_special_tokens=state.hints.skip_special_tokens)
 
-    @staticmethod
-    def trim_stop(text: str, reason: dict | None, hints: DetokenizeHints) -> str:
-        matched = (reason or {}).get("matched")
-        if isinstance(matched, str) and not hints.no_stop_trim and matched in text:
-            return text[: text.index(matched)]
-        return text
+# BatchStrOutput's fields without defaults that a failed batch leaves empty.
+_UNUSED_STR_FIELDS = (
+    "input_token_logprobs_val",
+    "input_token_logprobs_idx",
+    "output_token_logprobs_val",
+    "output_token_logprobs_idx",
+    "input_top_logprobs_val",
+    "input_top_logprobs_idx",
+    "output_top_logprobs_val",
+    "output_top_logprobs_idx",
+    "input_token_ids_logprobs_val",
+    "input_token_ids_logprobs_idx",
+    "output_token_ids_logprobs_val",
+    "output_token_ids_logprobs_idx",
+    "output_token_entropy_val",
+    "output_token_sampling_mask",
+    "output_hidden_states",
+    "routed_experts",
+    "indexer_topk",
+    "placeholder_tokens_idx",
+    "placeholder_tokens_val",
+)
+
+
+def _vocab_size(tokenizer: Any) -> int | None:
+    """As SGLang's init_tokenizer: ids at or beyond it are clamped before decoding."""
+    try:
+        return len(tokenizer)
+    except TypeError:
+        return getattr(tokenizer, "vocab_size", None)
+
+
+def detokenizer_server_args(model_paths: dict[str, str]) -> ServerArgs:
+    """The SGLang config the manager reads (serving flags only): SGLang's defaults, first model's path."""
+    return ServerArgs(model_path=next(iter(model_paths.values())), device="cpu")
+
+
+def detokenizer_port_args(recv_addr: str, send_addr: str) -> PortArgs:
+    """The manager binds `detokenizer_ipc_name` (from the scheduler), connects `tokenizer_ipc_name`."""
+    return PortArgs(
+        tokenizer_ipc_name=send_addr,
+        scheduler_input_ipc_name="",
+        detokenizer_ipc_name=recv_addr,
+        nccl_port=0,
+        rpc_ipc_name="",
+        metrics_ipc_name="",
+        tokenizer_worker_ipc_name=None,
+        decoupled_spec_ipc_config=None,
+    )
 
 
 def run_detokenizer_process(
@@ -102,28 +141,28 @@ def run_detokenizer_process(
     pipe_writer: Any,
     log_level: str = "info",
 ) -> None:
-    """Process entry (top level for `spawn`): recv from the scheduler, send to the tokenizer side."""
+    """Process entry (top level for `spawn`): recv from the scheduler, send to the tokenizer side.
+
+    Like SGLang's `run_detokenizer_process`: publish the config, build the manager, run its loop,
+    and die with the parent (prctl). SIGINT is the launcher's (it drains first); SIGTERM ends us."""
     logging.basicConfig(level=log_level.upper(), format="[detokenizer] %(asctime)s %(levelname)s %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from sglang.srt.runtime_context import publish
+    from sglang.srt.utils import kill_itself_when_parent_died
     from transformers import AutoTokenizer
 
-    detok = MultiModelDetokenizer({n: AutoTokenizer.from_pretrained(p) for n, p in model_paths.items()})
-    context = zmq.Context(2)
-    receiver = context.socket(zmq.PULL)
-    receiver.bind(recv_addr)
-    sender = context.socket(zmq.PUSH)
-    sender.connect(send_addr)
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    kill_itself_when_parent_died()
+    try:
+        server_args = detokenizer_server_args(model_paths)
+        publish(server_args, role="detokenizer")
+        # The same loader as the tokenizer side (launch_server.load_tokenizers), so both decode alike.
+        tokenizers = {name: AutoTokenizer.from_pretrained(path) for name, path in model_paths.items()}
+        manager = MultiModelDetokenizerManager(
+            server_args, detokenizer_port_args(recv_addr, send_addr), tokenizers
+        )
+    except Exception as e:
+        logger.exception("detokenizer failed to start")
+        pipe_writer.send({"status": "error", "message": f"{type(e).__name__}: {e}"})
+        raise SystemExit(1) from e
     pipe_writer.send({"status": "ready"})
-    parent = mp.parent_process()
-    while not stopping:
-        if not receiver.poll(1000):
-            if parent is not None and not parent.is_alive():
-                return
-            continue
-        try:
-            msg = receiver.recv_pyobj()
-            sender.send_pyobj(detok.handle_batch(msg) if isinstance(msg, BatchTokenIDOutput) else msg)
-        except Exception:  # one bad message must not end the process every model depends on
-            logger.exception("failed to forward a message")
+    manager.event_loop()

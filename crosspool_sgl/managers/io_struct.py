@@ -1,18 +1,51 @@
-"""Typed messages between the server's processes (pickled over ZMQ), named after SGLang's io_struct.
+"""The messages between the server's processes: SGLang's io_struct, plus what SGLang has no equivalent for.
 
-    HTTP/tokenizer --TokenizedGenerateReqInput, AbortReq, *ReqInput--> scheduler
-    scheduler --BatchTokenIDOutput, *ReqOutput--> detokenizer --BatchStrOutput, *ReqOutput--> tokenizer
+    tokenizer --TokenizedGenerateReqInput*, SchedulerInfoReqInput*, AbortReq, FlushCacheReqInput--> scheduler
+    scheduler --MultiModelBatchTokenIDOutput*, FlushCacheReqOutput, SchedulerInfoReqOutput*--> detokenizer
+    detokenizer --BatchStrOutput, the control replies unchanged--> tokenizer
+    (* ours; every other class is SGLang's own, re-exported here)
 
-Control replies (`SchedulerInfoReqOutput`, `FlushCacheReqOutput`) pass the
-detokenizer unchanged, so the tokenizer side reads one socket, as in SGLang.
+Scheduler -> detokenizer -> tokenizer use SGLang's `sock_send`/`sock_recv`, so that path is
+SGLang's wire format: pickle by default in 0.5.23, msgpack with `SGLANG_USE_PICKLE_IPC=0`; our
+structs are registered with SGLang's `hook_custom_types` for the latter. Control replies pass the
+detokenizer unchanged, so the tokenizer side reads one socket.
+
+Ours, and why:
+- `MultiModelBatchTokenIDOutput`: SGLang's `BatchTokenIDOutput` plus the `model` its rows belong
+  to (one message per model per step), which picks the detokenizer's tokenizer.
+- `TokenizedGenerateReqInput`: SGLang's carries an SGLang `SamplingParams` and ~30 fields we do not
+  serve (multimodal, LoRA, sessions, disaggregation), and no model id; ours carries the model and
+  our sampling dict. The tokenizer -> scheduler path stays pickled (`send_pyobj`) because of it.
+- `SchedulerInfoReqInput`/`SchedulerInfoReqOutput`: the per-model pool usage behind
+  /get_server_info and /metrics; SGLang's internal-state messages report one engine's scheduler.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from crosspool_sgl.core.req import ReqOutput
+from sglang.srt.managers.io_struct import (
+    AbortReq,
+    BaseReq,
+    BatchStrOutput,
+    BatchTokenIDOutput,
+    FlushCacheReqInput,
+    FlushCacheReqOutput,
+    hook_custom_types,
+)
+
+__all__ = [
+    "AbortReq",
+    "BatchStrOutput",
+    "BatchTokenIDOutput",
+    "FlushCacheReqInput",
+    "FlushCacheReqOutput",
+    "MultiModelBatchTokenIDOutput",
+    "SchedulerInfoReqInput",
+    "SchedulerInfoReqOutput",
+    "TokenizedGenerateReqInput",
+]
 
 
 @dataclass
@@ -26,69 +59,19 @@ class TokenizedGenerateReqInput:
     top_logprobs_num: int = 0
 
 
-@dataclass
-class AbortReq:
-    rid: str
+class MultiModelBatchTokenIDOutput(BatchTokenIDOutput, kw_only=True):
+    """One model's rows of a scheduler step (SGLang's fields, decoded with that model's tokenizer)."""
+
+    model: str
 
 
-@dataclass
-class FlushCacheReqInput:
-    req_id: str
-
-
-@dataclass
-class FlushCacheReqOutput:
-    req_id: str
-    success: bool
-
-
-@dataclass
-class SchedulerInfoReqInput:
+class SchedulerInfoReqInput(BaseReq, kw_only=True):
     """Ask for KV/weights pool usage and queue depths (for /get_server_info and /metrics)."""
 
-    req_id: str
 
-
-@dataclass
-class SchedulerInfoReqOutput:
-    req_id: str
+class SchedulerInfoReqOutput(BaseReq, kw_only=True):
     info: dict[str, Any]
 
 
-@dataclass
-class DetokenizeHints:
-    """Per-request decoding options the detokenizer needs (SGLang sends them in BatchTokenIDOutput)."""
-
-    skip_special_tokens: bool = True
-    no_stop_trim: bool = False
-
-
-@dataclass
-class BatchTokenIDOutput:
-    outputs: list[ReqOutput]
-    hints: dict[str, DetokenizeHints] = field(default_factory=dict)  # rid -> hints, first output only
-
-
-@dataclass
-class StrOutput:
-    """One request's progress after detokenization: cumulative text, new ids and logprobs."""
-
-    rid: str
-    model: str
-    text: str  # cumulative, stop string trimmed once finished
-    new_token_ids: list[int]
-    new_logprobs: list[tuple[float, int]]
-    new_top_logprobs: list[list]
-    finished: bool
-    finish_reason: dict | None
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0
-    num_retractions: int = 0
-    input_logprobs: list | None = None
-    input_top_logprobs: list | None = None
-
-
-@dataclass
-class BatchStrOutput:
-    outputs: list[StrOutput]
+# msgpack decoding knows only registered structs (pickle, the default, needs no registration).
+hook_custom_types(MultiModelBatchTokenIDOutput, SchedulerInfoReqInput, SchedulerInfoReqOutput)

@@ -4,6 +4,10 @@ Loop: receive requests (block on the socket when there is nothing to run, so an
 idle server never spins a core), add/abort, step, send the outputs on to the
 detokenizer. The loop checks its parent once a second while idle and exits when
 the parent is gone, so a killed launcher leaves no orphan.
+
+The engine core reports `ReqOutput`s; this process turns them into SGLang's wire format
+(`managers/token_id_output.py`: one `BatchTokenIDOutput` per model per step, sent with SGLang's
+`sock_send`), so SGLang's DetokenizerManager can decode them.
 """
 
 from __future__ import annotations
@@ -14,18 +18,18 @@ import signal
 from typing import Any
 
 import zmq
+from sglang.srt.managers.io_struct import sock_send
 
 from crosspool_sgl.core.req import Req, ReqOutput
 from crosspool_sgl.managers.io_struct import (
     AbortReq,
-    BatchTokenIDOutput,
-    DetokenizeHints,
     FlushCacheReqInput,
     FlushCacheReqOutput,
     SchedulerInfoReqInput,
     SchedulerInfoReqOutput,
     TokenizedGenerateReqInput,
 )
+from crosspool_sgl.managers.token_id_output import DetokenizeOptions, TokenIdOutputs
 from crosspool_sgl.runtime import Runtime, build_runtime, usable_cores
 from crosspool_sgl.sampling_params import InvalidRequestError, SamplingParams
 from crosspool_sgl.server_args import EngineArgs
@@ -46,7 +50,7 @@ class SchedulerServer:
         self.receiver.bind(recv_addr)
         self.sender = self.context.socket(zmq.PUSH)
         self.sender.connect(send_addr)
-        self.hints: dict[str, DetokenizeHints] = {}
+        self.token_id_outputs = TokenIdOutputs(self.scheduler.detokenizers)
         self.stopping = False
         self.dispatch = {
             TokenizedGenerateReqInput: self.handle_generate,
@@ -108,13 +112,9 @@ class SchedulerServer:
                 return msgs
 
     def send_outputs(self, outputs: list[ReqOutput]) -> None:
-        if not outputs:
-            return
-        hints = {o.rid: self.hints[o.rid] for o in outputs if o.rid in self.hints}
-        for o in outputs:
-            if o.finished:
-                self.hints.pop(o.rid, None)
-        self.sender.send_pyobj(BatchTokenIDOutput(outputs, hints))
+        """One SGLang BatchTokenIDOutput per model that has outputs this step."""
+        for msg in self.token_id_outputs.convert(outputs):
+            sock_send(self.sender, msg)
 
     # ---- handlers -----------------------------------------------------------------------
     def handle_generate(self, msg: TokenizedGenerateReqInput) -> None:
@@ -134,11 +134,13 @@ class SchedulerServer:
             logger.info("rejected %s: %s", msg.rid, e)
             self.fail_new_request(msg, str(e), 400)
             return
-        self.hints[msg.rid] = DetokenizeHints(params.skip_special_tokens, params.no_stop_trim)
+        self.token_id_outputs.add(msg.rid, DetokenizeOptions.of(params))
 
     def handle_abort(self, msg: AbortReq) -> None:
         if self.scheduler.abort(msg.rid):
             logger.info("aborted %s", msg.rid)
+        else:
+            self.token_id_outputs.forget(msg.rid)  # finished already, or never admitted
 
     def handle_flush_cache(self, msg: FlushCacheReqInput) -> None:
         # Like SGLang: only flush when idle, so running requests keep their cached prefixes.
@@ -146,10 +148,10 @@ class SchedulerServer:
         if idle:
             freed = self.scheduler.flush_cache()
             logger.info("flush_cache: %d cached prefix pages freed", freed)
-        self.sender.send_pyobj(FlushCacheReqOutput(msg.req_id, success=idle))
+        sock_send(self.sender, FlushCacheReqOutput(rid=msg.rid, success=idle))
 
     def handle_info(self, msg: SchedulerInfoReqInput) -> None:
-        self.sender.send_pyobj(SchedulerInfoReqOutput(msg.req_id, scheduler_info(self.runtime)))
+        sock_send(self.sender, SchedulerInfoReqOutput(rid=msg.rid, info=scheduler_info(self.runtime)))
 
 
 def scheduler_info(runtime: Runtime) -> dict[str, Any]:

@@ -11,10 +11,11 @@ process-global runtime context (`assert_published(server_args)`, `get_serving()`
 it. Several instances, one per model, cannot coexist in one process (the
 context is process-wide and not async-safe), and one instance cannot hold
 several tokenizers without overriding most of its 4,000 lines. We keep its
-message names (io_struct) and response shapes instead. (SGLANG_FRONTEND.md has
-the detailed assessment: per-model instances are possible under `use_context`;
-what blocks them is the scheduler's wire format. SGLang's OpenAI handlers already
-run on this manager through `entrypoints/sglang_openai.py`.)
+message names and response shapes instead, and it reads SGLang's own
+`BatchStrOutput` from the detokenizer (SGLang's DetokenizerManager, one tokenizer
+per model: managers/detokenizer_process.py). SGLANG_FRONTEND.md has the detailed
+assessment; SGLang's OpenAI handlers run on this manager through
+`entrypoints/sglang_openai.py`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from sglang.srt.managers.io_struct import async_sock_recv
 
 from crosspool_sgl.managers.admission import QueueBounds
 from crosspool_sgl.managers.errors import RequestError, unavailable
@@ -40,9 +42,9 @@ from crosspool_sgl.managers.io_struct import (
     FlushCacheReqOutput,
     SchedulerInfoReqInput,
     SchedulerInfoReqOutput,
-    StrOutput,
     TokenizedGenerateReqInput,
 )
+from crosspool_sgl.managers.output_delta import OutputDelta
 from crosspool_sgl.managers.validation import check_prompt, check_request
 from crosspool_sgl.sampling_params import SamplingParams
 
@@ -89,7 +91,7 @@ class ReqState:
     prompt_ids: list[int]
     created: float = field(default_factory=time.monotonic)
     event: asyncio.Event = field(default_factory=asyncio.Event)
-    pending: list[StrOutput] = field(default_factory=list)
+    pending: list[OutputDelta] = field(default_factory=list)
     finished: bool = False
     text: str = ""
     output_ids: list[int] = field(default_factory=list)
@@ -161,7 +163,7 @@ class MultiModelTokenizerManager:
 
     async def handle_loop(self) -> None:
         while True:
-            msg = await self.receiver.recv_pyobj()
+            msg = await async_sock_recv(self.receiver)
             try:
                 self.dispatch[type(msg)](msg)
             except Exception:  # one bad message must not kill the loop
@@ -381,42 +383,43 @@ class MultiModelTokenizerManager:
 
     def abort_request(self, rid: str) -> None:
         if self.rid_to_state.pop(rid, None) is not None:
-            self.sender.send_pyobj(AbortReq(rid))
+            self.sender.send_pyobj(AbortReq(rid=rid))
 
     def handle_batch_str_output(self, batch: BatchStrOutput) -> None:
-        for out in batch.outputs:
-            state = self.rid_to_state.get(out.rid)
+        """SGLang's BatchStrOutput from the detokenizer: each row is queued on its request."""
+        for i, rid in enumerate(batch.rids or []):
+            state = self.rid_to_state.get(rid)
             if state is None:
                 continue  # aborted by us; late output
-            state.pending.append(out)
+            state.pending.append(OutputDelta.of(batch, i))
             state.event.set()
 
-    def apply_output(self, state: ReqState, out: StrOutput) -> None:
+    def apply_output(self, state: ReqState, out: OutputDelta) -> None:
         now = time.monotonic()
         model = state.obj.model
-        if out.new_token_ids:
+        if out.token_ids:
             if state.last_token_time is None:
                 self.metrics.on_first_token(model, now - state.created)
             else:
-                self.metrics.on_inter_token(model, (now - state.last_token_time) / len(out.new_token_ids))
+                self.metrics.on_inter_token(model, (now - state.last_token_time) / len(out.token_ids))
             state.last_token_time = now
-        state.text = out.text
-        state.output_ids += out.new_token_ids
-        state.output_logprobs += out.new_logprobs
-        state.output_top_logprobs += out.new_top_logprobs
+        state.text += out.text
+        state.output_ids += out.token_ids
+        state.output_logprobs += out.logprobs
+        state.output_top_logprobs += out.top_logprobs
         if out.input_logprobs is not None:
             state.input_logprobs, state.input_top_logprobs = out.input_logprobs, out.input_top_logprobs
         state.meta = {
-            "id": out.rid,
+            "id": state.obj.rid,
             "model": model,
-            "finish_reason": out.finish_reason if out.finished else None,
+            "finish_reason": out.finish_reason,
             "prompt_tokens": out.prompt_tokens,
             "completion_tokens": out.completion_tokens,
             "cached_tokens": out.cached_tokens,
             "num_retractions": out.num_retractions,
             "e2e_latency": now - state.created,
         }
-        if out.finished:
+        if out.finish_reason is not None:
             state.finished = True
             reason = out.finish_reason or {}
             self.metrics.on_finish(model, reason, out.prompt_tokens, out.completion_tokens)
@@ -455,7 +458,7 @@ class MultiModelTokenizerManager:
         req_id = uuid.uuid4().hex
         fut = asyncio.get_running_loop().create_future()
         self.control_futures[req_id] = fut
-        self.sender.send_pyobj(msg_type(req_id))
+        self.sender.send_pyobj(msg_type(rid=req_id))
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:
@@ -468,6 +471,6 @@ class MultiModelTokenizerManager:
         return (await self.control(FlushCacheReqInput)).success
 
     def handle_control_output(self, msg: SchedulerInfoReqOutput | FlushCacheReqOutput) -> None:
-        fut = self.control_futures.get(msg.req_id)
+        fut = self.control_futures.get(msg.rid)
         if fut is not None and not fut.done():
             fut.set_result(msg)

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from crosspool_sgl.managers.io_struct import BatchTokenIDOutput, TokenizedGenerateReqInput
+from crosspool_sgl.managers.io_struct import (
+    BatchTokenIDOutput,
+    MultiModelBatchTokenIDOutput,
+    TokenizedGenerateReqInput,
+)
 from crosspool_sgl.managers.scheduler_process import SchedulerServer
 from crosspool_sgl.runtime import build_runtime
 from crosspool_sgl.server_args import EngineArgs, KVPoolArgs, ModelSpec
@@ -15,17 +19,17 @@ class _FakeSender:
     def __init__(self) -> None:
         self.sent: list = []
 
-    def send_pyobj(self, obj) -> None:
+    def send_pyobj(self, obj, **kwargs) -> None:  # SGLang's sock_send (pickle, its default)
         self.sent.append(obj)
 
     def finals(self) -> dict[str, dict]:
-        return {
-            o.rid: (o.finish_reason or {})
-            for b in self.sent
-            if isinstance(b, BatchTokenIDOutput)
-            for o in b.outputs
-            if o.finished
-        }
+        """rid -> finish reason of every finished row the scheduler sent (SGLang's BatchTokenIDOutput)."""
+        out = {}
+        for b in self.sent:
+            if isinstance(b, BatchTokenIDOutput):
+                assert isinstance(b, MultiModelBatchTokenIDOutput) and len(b.rids) == len(b.finished_reasons)
+                out.update({r: f for r, f in zip(b.rids, b.finished_reasons, strict=True) if f is not None})
+        return out
 
 
 @pytest.fixture(scope="module")
