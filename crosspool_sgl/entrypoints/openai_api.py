@@ -154,13 +154,20 @@ class Choices:
 def build_openai_router(tm: MultiModelTokenizerManager) -> APIRouter:
     router = APIRouter()
 
+    def card(name: str) -> oai.ModelCard:
+        m = tm.models[name]
+        return oai.ModelCard(id=m.name, root=m.path, owned_by="crosspool-sgl", max_model_len=m.context_len)
+
     @router.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        cards = [
-            oai.ModelCard(id=m.name, root=m.path, owned_by="crosspool-sgl", max_model_len=m.context_len)
-            for m in tm.models.values()
-        ]
-        return oai.ModelList(data=cards).model_dump()
+        return oai.ModelList(data=[card(name) for name in tm.models]).model_dump()
+
+    @router.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> dict[str, Any]:
+        """One model's card (`client.models.retrieve`); an unknown id is a 404 with OpenAI's body."""
+        if not model_id:  # resolve_model reads an empty name as the default model
+            raise RequestError("The model `` does not exist", 404, "NotFoundError", "model")
+        return card(tm.resolve_model(model_id)).model_dump()
 
     @router.post("/v1/completions")
     async def completions(request: Request) -> Response:
