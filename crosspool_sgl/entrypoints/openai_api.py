@@ -162,6 +162,11 @@ def build_openai_router(tm: MultiModelTokenizerManager) -> APIRouter:
     async def list_models() -> dict[str, Any]:
         return oai.ModelList(data=[card(name) for name in tm.models]).model_dump()
 
+    @router.get("/models/{model_name}/v1/models")
+    async def list_one_model(model_name: str) -> dict[str, Any]:
+        """A model's prefix answers like SGLang's one-model server (clients probe it for readiness)."""
+        return oai.ModelList(data=[card(tm.resolve_model(model_name))]).model_dump()
+
     @router.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str) -> dict[str, Any]:
         """One model's card (`client.models.retrieve`); an unknown id is a 404 with OpenAI's body."""
