@@ -227,11 +227,10 @@ def create_app(
     tm: MultiModelTokenizerManager,
     metrics: ServerMetrics,
     server_info: Callable[[], dict],
-    openai_frontend: str = "sglang",
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     on_startup: Callable[[], Any] | None = None,
 ) -> FastAPI:
-    from crosspool_sgl.entrypoints.openai_api import build_openai_router
+    from crosspool_sgl.entrypoints.openai_api import build_openai_router  # /v1/models
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -269,13 +268,11 @@ def create_app(
     native = build_native_router(tm, server_info)
     app.include_router(native)
     app.include_router(native, prefix="/models/{model_name}")
-    if openai_frontend == "sglang":
-        # SGLang's own OpenAI handlers; registered first, so they answer /v1/completions and
-        # /v1/chat/completions (/v1/models stays ours). --openai-frontend own keeps
-        # openai_api.py's routes. See managers/SGLANG_FRONTEND.md.
-        from crosspool_sgl.entrypoints.sglang_openai import build_sglang_openai_router
+    # SGLang's own OpenAI handlers answer /v1/completions and /v1/chat/completions (see
+    # managers/SGLANG_FRONTEND.md); /v1/models is ours, a card per hosted model.
+    from crosspool_sgl.entrypoints.sglang_openai import build_sglang_openai_router
 
-        app.include_router(build_sglang_openai_router(tm))
+    app.include_router(build_sglang_openai_router(tm))
     app.include_router(build_openai_router(tm))
     from crosspool_sgl.entrypoints.schemas import install_openapi
 

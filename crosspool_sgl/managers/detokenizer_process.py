@@ -20,6 +20,7 @@ import zmq
 
 from crosspool_sgl.core.req import ReqOutput
 from crosspool_sgl.managers.io_struct import BatchStrOutput, BatchTokenIDOutput, DetokenizeHints, StrOutput
+from crosspool_sgl.managers.result_format import trim_stop
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +90,7 @@ class MultiModelDetokenizer:
 
     @staticmethod
     def trim_stop(text: str, reason: dict | None, hints: DetokenizeHints) -> str:
-        matched = (reason or {}).get("matched")
-        if isinstance(matched, str) and not hints.no_stop_trim and matched in text:
-            return text[: text.index(matched)]
-        return text
+        return trim_stop(text, reason, hints.no_stop_trim)  # the Engine trims the same way
 
 
 def run_detokenizer_process(
