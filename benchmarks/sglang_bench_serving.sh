@@ -15,6 +15,8 @@ PY=${PY:-.venv/bin/python}
 NUM_PROMPTS=${NUM_PROMPTS:-16}
 OUT=benchmarks/results/sglang_bench_serving.md
 server_pid=
+tmp=$(mktemp -d)  # the client's per-request JSONL lines
+trap 'rm -rf "$tmp"' EXIT
 if [ -z "${BASE_URL:-}" ]; then
   paths=$($PY -c "from crosspool_sgl.tools.make_tiny_models import ensure_tiny_models as e; p=e(names=['llama','mixtral']); print(p['llama'], p['mixtral'])")
   read -r llama mixtral <<<"$paths"
@@ -23,13 +25,13 @@ if [ -z "${BASE_URL:-}" ]; then
   OMP_NUM_THREADS=1 $PY -m crosspool_sgl.launch_server --host 127.0.0.1 --port "$PORT" --log-level warning \
     --kv-pool-bytes 64M --model "llama=$llama" --model "mixtral=$mixtral" >/dev/null 2>&1 &
   server_pid=$!
-  trap 'kill "$server_pid" 2>/dev/null; wait "$server_pid" 2>/dev/null || true' EXIT
+  trap 'kill "$server_pid" 2>/dev/null; wait "$server_pid" 2>/dev/null || true; rm -rf "$tmp"' EXIT
   for _ in $(seq 300); do curl -sf "$BASE_URL/health" >/dev/null && break; sleep 1; done
 fi
 run() {  # backend, base url
   $PY -m sglang.benchmark.serving --backend "$1" --base-url "$2" --model "$MODEL" --tokenizer "$TOKENIZER" \
     --dataset-name random-ids --random-input-len 64 --random-output-len 16 --random-range-ratio 0.5 \
-    --num-prompts "$NUM_PROMPTS" --request-rate inf --seed 1 --disable-tqdm 2>&1 |
+    --num-prompts "$NUM_PROMPTS" --request-rate inf --seed 1 --disable-tqdm --output-file "$tmp/$1.jsonl" 2>&1 |
     sed -n '/Serving Benchmark Result/,/^==*$/p'
 }
 {
