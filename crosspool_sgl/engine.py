@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from crosspool_sgl.core.req import Req, ReqOutput
+from crosspool_sgl.managers.result_format import LogprobLists, format_result, trim_stop
 from crosspool_sgl.mem.residency_manager import models_with_requests
 from crosspool_sgl.runtime import Runtime, build_runtime
 from crosspool_sgl.sampling_params import InvalidRequestError, SamplingParams
@@ -176,9 +177,6 @@ class Engine:
         tok = self.runtime.tokenizers[req.model]
         ids = req.output_ids
         text = tok.decode(ids, skip_special_tokens=req.params.skip_special_tokens)
-        matched = (req.finish_reason or {}).get("matched")
-        if isinstance(matched, str) and not req.params.no_stop_trim and matched in text:
-            text = text[: text.index(matched)]
         meta = {
             "id": req.rid,
             "model": req.model,
@@ -189,14 +187,17 @@ class Engine:
             "cached_tokens": req.cached_tokens,
             "e2e_latency": latency,
         }
+        logprobs = None
         if req.return_logprob:
-            meta["input_token_logprobs"] = [(lp, t, None) for lp, t in req.input_logprobs]
-            meta["output_token_logprobs"] = [(lp, t, None) for lp, t in req.output_logprobs]
-            if req.top_logprobs_num:
-                meta["output_top_logprobs"] = [
-                    [(lp, t, None) for lp, t in row] for row in req.output_top_logprobs
-                ]
-        return {"text": text, "output_ids": list(ids), "meta_info": meta}
+            tops = req.top_logprobs_num > 0
+            logprobs = LogprobLists(
+                req.output_logprobs,
+                req.input_logprobs,
+                req.output_top_logprobs if tops else None,
+                req.input_top_logprobs if tops else None,
+            )
+        text = trim_stop(text, req.finish_reason, req.params.no_stop_trim)
+        return format_result(text, ids, meta, logprobs, None)
 
 
 def _model_spec(name: str, value: str | dict) -> ModelSpec:

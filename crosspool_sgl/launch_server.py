@@ -299,13 +299,6 @@ def add_process_flags(p: argparse.ArgumentParser) -> None:
         "new connections are refused meanwhile (default: %(default)s)",
     )
     p.add_argument(
-        "--openai-frontend",
-        choices=["sglang", "own"],
-        default="sglang",
-        help="who answers /v1/completions and /v1/chat/completions: SGLang's OpenAI serving handlers "
-        "over our tokenizer side (default), or our own routes (entrypoints/openai_api.py)",
-    )
-    p.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -392,7 +385,6 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
         args.log_level,
         args.num_threads,
         args.startup_timeout,
-        args.openai_frontend,
         args.max_pending_requests,
         args.max_pending_per_model,
         args.request_timeout_s,
@@ -619,7 +611,7 @@ def build_app(
         }
 
     watchdog = ChildWatchdog(children.probes(), on_death)
-    app = create_app(tm, metrics, server_info, args.openai_frontend, args.max_body_bytes, watchdog.start)
+    app = create_app(tm, metrics, server_info, args.max_body_bytes, watchdog.start)
     if args.api_key:
         from crosspool_sgl.entrypoints.auth import ApiKeyMiddleware
 

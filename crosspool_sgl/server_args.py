@@ -115,7 +115,6 @@ class ServerArgs:
     log_level: str = "info"
     num_threads: int | None = None  # step-loop torch threads; None: 1 with the prefill lane, else all
     startup_timeout_s: float = 600.0
-    openai_frontend: str = "sglang"  # "sglang": SGLang's OpenAI serving handlers; "own": ours
     max_pending_requests: int = 4096  # in flight across all models; beyond it new requests get 429
     max_pending_per_model: int | None = None  # in flight per model; None: the total and fair share bound it
     request_timeout_s: float | None = None  # per-request deadline (queued + running); None: none

@@ -537,6 +537,7 @@ class MultiModelScheduler:
                 input_logprobs=list(req.input_logprobs) if send_input else None,
                 input_top_logprobs=list(req.input_top_logprobs) if send_input else None,
                 num_retractions=req.num_retractions,
+                cached_tokens=req.cached_tokens,  # the client's usage report (it read 0 before)
             )
         )
 

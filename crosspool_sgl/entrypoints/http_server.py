@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,6 +18,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from crosspool_sgl.entrypoints.http_io import DEFAULT_MAX_BODY_BYTES, error_response, read_json, sse
 from crosspool_sgl.entrypoints.metrics import ServerMetrics
+from crosspool_sgl.managers.parallel_sampling import submit_sharing_prefix
+from crosspool_sgl.managers.stream_holdback import StreamHoldback, held_back, stop_strings
 from crosspool_sgl.managers.tokenizer_manager import (
     GenerateInput,
     ModelInfo,
@@ -25,6 +27,7 @@ from crosspool_sgl.managers.tokenizer_manager import (
     RequestError,
 )
 from crosspool_sgl.managers.validation import check_num_choices
+from crosspool_sgl.sampling_params import sample_seed
 
 logger = logging.getLogger(__name__)
 
@@ -57,33 +60,44 @@ def _prompts(body: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
     )
 
 
-def parse_generate_body(body: dict[str, Any], model: str | None) -> tuple[list[GenerateInput], bool]:
-    """SGLang's GenerateReqInput fields -> requests; returns (requests, is_single)."""
+def parse_generate_body(body: dict[str, Any], model: str | None) -> tuple[list[GenerateInput], bool, int]:
+    """SGLang's GenerateReqInput fields -> requests; returns (requests, is_single, n).
+
+    `sampling_params.n` > 1 expands each prompt into n samples, adjacent (SGLang's order), with
+    seeds offset per sample; the response is then a list, as SGLang's (`is_single` is False)."""
     prompts, single = _prompts(body)
-    n = len(prompts)
+    count = len(prompts)
 
     def per_item(key: str, default: Any) -> list[Any]:
         v = body.get(key, default)
         if isinstance(v, list) and not single and key != "stop":
-            if len(v) != n:
-                raise RequestError(f"`{key}` has {len(v)} entries for {n} prompts", param=key)
+            if len(v) != count:
+                raise RequestError(f"`{key}` has {len(v)} entries for {count} prompts", param=key)
             return v
-        return [v] * n
+        return [v] * count
 
     params = per_item("sampling_params", None)
     if any(p is not None and not isinstance(p, dict) for p in params):
         raise RequestError(
             "`sampling_params` must be an object (or one per prompt in a batch)", param="sampling_params"
         )
-    check_num_choices(next((p.get("n") for p in params if p and "n" in p), None))
+    n = next((p["n"] for p in params if p and "n" in p), None)
+    check_num_choices(n)
+    n = n or 1
     fields = {k: per_item(k, None) for k in _GENERATE_FIELDS}
     reqs = []
     for i, p in enumerate(prompts):
         kw = {k: v[i] for k, v in fields.items() if v[i] is not None}
         if "rid" in kw and not single and not isinstance(body.get("rid"), list):
             kw["rid"] = f"{kw['rid']}-{i}"
-        reqs.append(GenerateInput(model=model, sampling_params=dict(params[i] or {}), **p, **kw))
-    return reqs, single
+        sampling = {k: v for k, v in (params[i] or {}).items() if k != "n"}
+        for j in range(n):
+            one = dict(kw, rid=f"{kw['rid']}-{j}") if n > 1 and "rid" in kw else kw
+            seeded = dict(sampling)
+            if n > 1 and seeded.get("seed") is not None:
+                seeded["seed"] = sample_seed(seeded["seed"], j)
+            reqs.append(GenerateInput(model=model, sampling_params=seeded, **p, **one))
+    return reqs, single and n == 1, n
 
 
 def model_info_dict(info: ModelInfo) -> dict[str, Any]:
@@ -168,22 +182,24 @@ async def handle_generate(
     """SGLang's /generate: single or batch, streaming (SSE of cumulative text) or not."""
     body = await read_json(request)
     model = tm.resolve_model(model_name if model_name is not None else body.get("model"))
-    objs, single = parse_generate_body(body, model)
+    objs, single, n = parse_generate_body(body, model)
+    states = await submit_sharing_prefix(tm, objs, n, request.is_disconnected)
     if body.get("stream"):
-        if not single:
-            raise RequestError(
-                "streaming a batch is not supported; send one request per prompt", param="stream"
-            )
-        (state,) = await tm.submit_all(objs)
-        return StreamingResponse(_native_stream(tm, state), media_type="text/event-stream")
-    states = await tm.submit_all(objs)
+        return StreamingResponse(_native_stream(tm, states, single), media_type="text/event-stream")
     results = await asyncio.gather(*(tm.collect(s, request.is_disconnected) for s in states))
     return JSONResponse(results[0] if single else list(results))
 
 
-async def _native_stream(tm: MultiModelTokenizerManager, state: Any) -> AsyncIterator[bytes]:
-    """SGLang's streaming shape: cumulative text per event, then `data: [DONE]`."""
-    results = tm.wait_for(state)
+async def _native_stream(
+    tm: MultiModelTokenizerManager, states: list[Any], single: bool
+) -> AsyncIterator[bytes]:
+    """SGLang's streaming shape: cumulative results per event (a batch's carry `index`, the
+    prompt's position, samples of one prompt adjacent), then `data: [DONE]`."""
+    if single:
+        (state,) = states
+        results = held_back(tm.wait_for(state), state.obj.sampling_params)
+    else:
+        results = _indexed(tm.merge_streams(states), states)
     try:
         async for result in results:
             yield sse(result)
@@ -194,15 +210,27 @@ async def _native_stream(tm: MultiModelTokenizerManager, state: Any) -> AsyncIte
     yield b"data: [DONE]\n\n"
 
 
+async def _indexed(
+    merged: AsyncGenerator[tuple[int, dict[str, Any]], None], states: list[Any]
+) -> AsyncGenerator[dict[str, Any], None]:
+    """A batch's merged stream as SGLang sends it: each cumulative result with its `index`."""
+    gates = [StreamHoldback(stop_strings(s.obj.sampling_params)) for s in states]
+    try:
+        async for index, result in merged:
+            if gates[index].release(result):
+                yield {**result, "index": index}
+    finally:
+        await merged.aclose()
+
+
 def create_app(
     tm: MultiModelTokenizerManager,
     metrics: ServerMetrics,
     server_info: Callable[[], dict],
-    openai_frontend: str = "sglang",
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     on_startup: Callable[[], Any] | None = None,
 ) -> FastAPI:
-    from crosspool_sgl.entrypoints.openai_api import build_openai_router
+    from crosspool_sgl.entrypoints.openai_api import build_openai_router  # /v1/models
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -240,13 +268,11 @@ def create_app(
     native = build_native_router(tm, server_info)
     app.include_router(native)
     app.include_router(native, prefix="/models/{model_name}")
-    if openai_frontend == "sglang":
-        # SGLang's own OpenAI handlers; registered first, so they answer /v1/completions and
-        # /v1/chat/completions (/v1/models stays ours). --openai-frontend own keeps
-        # openai_api.py's routes. See managers/SGLANG_FRONTEND.md.
-        from crosspool_sgl.entrypoints.sglang_openai import build_sglang_openai_router
+    # SGLang's own OpenAI handlers answer /v1/completions and /v1/chat/completions (see
+    # managers/SGLANG_FRONTEND.md); /v1/models is ours, a card per hosted model.
+    from crosspool_sgl.entrypoints.sglang_openai import build_sglang_openai_router
 
-        app.include_router(build_sglang_openai_router(tm))
+    app.include_router(build_sglang_openai_router(tm))
     app.include_router(build_openai_router(tm))
     from crosspool_sgl.entrypoints.schemas import install_openapi
 

@@ -33,6 +33,8 @@ from fastapi.responses import Response
 from starlette.background import BackgroundTasks
 
 from crosspool_sgl.entrypoints.tool_parsers import tools_error
+from crosspool_sgl.managers.parallel_sampling import submit_sharing_prefix
+from crosspool_sgl.managers.stream_holdback import StreamHoldback, held_back, stop_strings
 from crosspool_sgl.managers.tokenizer_manager import (
     GenerateInput,
     ModelInfo,
@@ -178,7 +180,9 @@ class ModelFrontend:
         obj.normalize_batch_and_arguments()
         is_disconnected = request.is_disconnected if request is not None else None
         try:
-            states = await self.tm.submit_all(self._inputs(obj))
+            states = await submit_sharing_prefix(
+                self.tm, self._inputs(obj), obj.parallel_sample_num, is_disconnected
+            )
         except RequestError as e:
             raise _to_request_error(e) from e
         stream = bool(obj.stream)
@@ -186,7 +190,10 @@ class ModelFrontend:
         try:
             if len(states) == 1 and obj.is_single:
                 final = None
-                async for result in self.tm.wait_for(states[0], is_disconnected):
+                results = self.tm.wait_for(states[0], is_disconnected)
+                if stream:
+                    results = held_back(results, states[0].obj.sampling_params)
+                async for result in results:
                     final = self._shape(result)
                     if stream:
                         yielded = True
@@ -200,7 +207,10 @@ class ModelFrontend:
                     yielded = True
                     yield [self._shape(r) for r in results]
             else:
+                gates = [StreamHoldback(stop_strings(s.obj.sampling_params)) for s in states]
                 async for index, result in self.tm.merge_streams(states):
+                    if not gates[index].release(result):
+                        continue
                     result["index"] = index
                     yielded = True
                     yield self._shape(result)
@@ -225,12 +235,12 @@ class ModelFrontend:
         return out[0] if len(out) == 1 and (obj.is_single or obj.stream) else out
 
 
-def _openai_error_body(cls: type) -> type:
-    """A subclass of an SGLang handler whose error bodies are OpenAI's `{"error": {...}}`
-    (SGLang's handlers return the ErrorResponse fields at the top level)."""
+class _OpenAIErrorBody:
+    """Mixed into an SGLang handler: error bodies are OpenAI's `{"error": {...}}` (SGLang's
+    handlers return the ErrorResponse fields at the top level)."""
 
     def create_error_response(
-        self: Any,
+        self,
         message: str,
         err_type: str = "BadRequestError",
         status_code: int = 400,
@@ -242,7 +252,35 @@ def _openai_error_body(cls: type) -> type:
         headers = {"Retry-After": "1"} if status_code == 429 else None  # the queue bound is full
         return ORJSONResponse({"error": error}, status_code=status_code, headers=headers)
 
-    return type(cls.__name__, (cls,), {"create_error_response": create_error_response})
+
+class _ChatLogprobsWithoutText:
+    """Mixed into SGLang's chat handler: a step whose text delta is empty still sends its logprobs.
+
+    Without a reasoning or tool parser, SGLang emits a chunk only for a non-empty delta and drops
+    that step's logprob entries otherwise. The stream holdback keeps such steps back until text
+    shows, except the last one: a finish on a stop string trims the text its tokens added, and
+    their entries (which the non-streamed response lists) would be lost."""
+
+    async def _generate_stream_content(self, **kw: Any) -> AsyncIterator[str]:
+        from sglang.srt.entrypoints.openai.sse_utils import build_sse_content
+
+        sent = False
+        async for chunk in super()._generate_stream_content(**kw):
+            sent = True
+            yield chunk
+        if not sent and kw.get("choice_logprobs") is not None:
+            yield build_sse_content(
+                chunk_id=kw["content"]["meta_info"]["id"],
+                created=kw["created"],
+                model=kw["request"].model,
+                index=kw["index"],
+                content="",
+                logprobs=kw["choice_logprobs"],
+            )
+
+
+def _handler_class(cls: type, *mixins: type) -> type:
+    return type(cls.__name__, (*mixins, _OpenAIErrorBody, cls), {})
 
 
 class SGLangOpenAIHandlers:
@@ -252,8 +290,8 @@ class SGLangOpenAIHandlers:
         from sglang.srt.entrypoints.openai import serving_chat, serving_completions
         from sglang.srt.parser.template_manager import TemplateManager
 
-        OpenAIServingChat = _openai_error_body(serving_chat.OpenAIServingChat)
-        OpenAIServingCompletion = _openai_error_body(serving_completions.OpenAIServingCompletion)
+        OpenAIServingChat = _handler_class(serving_chat.OpenAIServingChat, _ChatLogprobsWithoutText)
+        OpenAIServingCompletion = _handler_class(serving_completions.OpenAIServingCompletion)
         publish_frontend_config(tm.models)
         self.completion: dict[str, Any] = {}
         self.chat: dict[str, Any] = {}

@@ -45,6 +45,7 @@ from crosspool_sgl.managers.io_struct import (
     TokenizedGenerateReqInput,
 )
 from crosspool_sgl.managers.output_delta import OutputDelta
+from crosspool_sgl.managers.result_format import LogprobLists, format_result
 from crosspool_sgl.managers.validation import check_prompt, check_request
 from crosspool_sgl.sampling_params import SamplingParams
 
@@ -429,27 +430,19 @@ class MultiModelTokenizerManager:
                 )
 
     def result(self, state: ReqState) -> dict[str, Any]:
-        meta = dict(state.meta)
         obj = state.obj
+        logprobs = None
         if obj.return_logprob:
-            fmt = self._logprob_formatter(obj)
-            meta["input_token_logprobs"] = [fmt(lp, t) for lp, t in (state.input_logprobs or [])]
-            meta["output_token_logprobs"] = [fmt(lp, t) for lp, t in state.output_logprobs]
-            if obj.top_logprobs_num:
-                meta["input_top_logprobs"] = [
-                    None if row is None else [fmt(lp, t) for lp, t in row]
-                    for row in (state.input_top_logprobs or [])
-                ]
-                meta["output_top_logprobs"] = [
-                    [fmt(lp, t) for lp, t in row] for row in state.output_top_logprobs
-                ]
-        return {"text": state.text, "output_ids": list(state.output_ids), "meta_info": meta}
-
-    def _logprob_formatter(self, obj: GenerateInput) -> Callable[[float | None, int], list]:
+            tops = obj.top_logprobs_num > 0
+            logprobs = LogprobLists(
+                state.output_logprobs,
+                state.input_logprobs or [],
+                state.output_top_logprobs if tops else None,
+                state.input_top_logprobs if tops else None,
+            )
         tok = self.tokenizers[obj.model]
-        if obj.return_text_in_logprobs:
-            return lambda lp, t: [lp, t, tok.decode([t])]
-        return lambda lp, t: [lp, t, None]
+        decode = (lambda t: tok.decode([t])) if obj.return_text_in_logprobs else None
+        return format_result(state.text, state.output_ids, state.meta, logprobs, decode)
 
     # ---- control ------------------------------------------------------------------------
     async def control(self, msg_type: type, timeout: float = 10.0) -> Any:

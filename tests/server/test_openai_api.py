@@ -166,3 +166,18 @@ def test_stop_string(server):
     )
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].text == text[: text.index(stop)]
+
+
+def test_models_retrieve_answers_one_card(server):
+    c = client(server)
+    for model, path in server.model_paths.items():
+        card = c.models.retrieve(model)
+        assert (card.id, card.root) == (model, path)
+    try:
+        c.models.retrieve("no-such-model")
+    except openai.NotFoundError as e:
+        assert e.status_code == 404
+        assert "no-such-model" in e.body["message"]
+    else:
+        raise AssertionError("an unknown model id must be a 404")
+    assert server.get("/v1/models/").status_code == 404
