@@ -8,7 +8,10 @@ before the handlers compute deltas. It also keeps back results whose visible tex
 (an incomplete UTF-8 sequence the detokenizer holds, a token that decodes to nothing): the
 handlers compute a chunk's logprobs from the entries new since the last result, and SGLang's chat
 handler drops them when the text delta is empty. Holding the whole result keeps tokens, logprobs
-and text of a step together, as SGLang's scheduler does. The final result always passes.
+and text of a step together, as SGLang's scheduler does — but only when the request asked for
+logprobs: otherwise a step without text still goes out (an empty chunk, as stock SGLang streams
+one per step), or a model whose tokens decode to nothing (special tokens, skipped) would stream
+no chunk until it finishes. The final result always passes.
 """
 
 from __future__ import annotations
@@ -50,8 +53,10 @@ class StreamHoldback:
         if result["meta_info"].get("finish_reason") is not None:
             return True
         text = result["text"]
-        if len(text) <= self.released_chars or stop_prefix_len(text, self.stops):
+        if stop_prefix_len(text, self.stops):
             return False
+        if len(text) <= self.released_chars and "output_token_logprobs" in result["meta_info"]:
+            return False  # its logprob entries go out with the text they belong to
         self.released_chars = len(text)
         return True
 

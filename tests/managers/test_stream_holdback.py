@@ -7,9 +7,12 @@ import asyncio
 from crosspool_sgl.managers.stream_holdback import StreamHoldback, held_back, stop_prefix_len, stop_strings
 
 
-def result(text: str, finished: bool = False) -> dict:
+def result(text: str, finished: bool = False, logprobs: bool = True) -> dict:
     reason = {"type": "stop", "matched": "ccc"} if finished else None
-    return {"text": text, "output_ids": [], "meta_info": {"finish_reason": reason}}
+    meta = {"finish_reason": reason}
+    if logprobs:
+        meta["output_token_logprobs"] = []
+    return {"text": text, "output_ids": [], "meta_info": meta}
 
 
 def test_stop_prefix_len_is_the_longest_suffix_starting_a_stop_string():
@@ -37,6 +40,13 @@ def test_a_result_without_new_text_waits_so_its_logprobs_travel_with_text():
     gate = StreamHoldback([])
     assert [gate.release(result(t)) for t in ["a", "a", "a", "ab"]] == [True, False, False, True]
     assert gate.release(result("ab", finished=True))  # the final result always passes
+
+
+def test_without_logprobs_a_step_without_text_still_streams():
+    """A model whose tokens decode to nothing (special tokens, skipped) must still stream a chunk
+    per step, as stock SGLang does: the benchmark's llama requests showed no first token at all."""
+    gate = StreamHoldback(["ccc"])
+    assert [gate.release(result(t, logprobs=False)) for t in ["", "", "a", "ac"]] == [True, True, True, False]
 
 
 def test_held_back_filters_a_stream_and_closes_it():
