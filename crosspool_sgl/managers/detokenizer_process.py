@@ -26,7 +26,7 @@ from sglang.srt.managers.detokenizer_manager import DetokenizerManager
 from sglang.srt.managers.io_struct import BatchStrOutput
 from sglang.srt.server_args import PortArgs, ServerArgs
 
-from crosspool_sgl.managers.io_struct import MultiModelBatchTokenIDOutput
+from crosspool_sgl.managers.io_struct import MultiModelBatchTokenIDOutput, with_unset_fields
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ class MultiModelDetokenizerManager(DetokenizerManager):
             self.decode_status.pop(rid, None)
         n = len(rids)
         reason = {"type": "abort", "message": message, "status_code": 500}
-        return BatchStrOutput(
+        return with_unset_fields(
+            BatchStrOutput,
             rids=rids,
             http_worker_ipcs=[None] * n,
             finished_reasons=[dict(reason) for _ in rids],
@@ -79,32 +80,7 @@ class MultiModelDetokenizerManager(DetokenizerManager):
             completion_tokens=[0] * n,
             reasoning_tokens=[0] * n,
             cached_tokens=list(recv_obj.cached_tokens),
-            **dict.fromkeys(_UNUSED_STR_FIELDS),
         )
-
-
-# BatchStrOutput's fields without defaults that a failed batch leaves empty.
-_UNUSED_STR_FIELDS = (
-    "input_token_logprobs_val",
-    "input_token_logprobs_idx",
-    "output_token_logprobs_val",
-    "output_token_logprobs_idx",
-    "input_top_logprobs_val",
-    "input_top_logprobs_idx",
-    "output_top_logprobs_val",
-    "output_top_logprobs_idx",
-    "input_token_ids_logprobs_val",
-    "input_token_ids_logprobs_idx",
-    "output_token_ids_logprobs_val",
-    "output_token_ids_logprobs_idx",
-    "output_token_entropy_val",
-    "output_token_sampling_mask",
-    "output_hidden_states",
-    "routed_experts",
-    "indexer_topk",
-    "placeholder_tokens_idx",
-    "placeholder_tokens_val",
-)
 
 
 def _vocab_size(tokenizer: Any) -> int | None:

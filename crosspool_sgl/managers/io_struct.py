@@ -23,8 +23,9 @@ Ours, and why:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
 from sglang.srt.managers.io_struct import (
     AbortReq,
     BaseReq,
@@ -36,6 +37,7 @@ from sglang.srt.managers.io_struct import (
 )
 
 __all__ = [
+    "with_unset_fields",
     "AbortReq",
     "BatchStrOutput",
     "BatchTokenIDOutput",
@@ -46,6 +48,17 @@ __all__ = [
     "SchedulerInfoReqOutput",
     "TokenizedGenerateReqInput",
 ]
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def with_unset_fields(cls: type[S], **given: Any) -> S:
+    """`cls(**given)` with every required field not given set to None: SGLang's output structs
+    have many required fields (hidden states, routed experts, ...) that we never fill, and deriving
+    them from the struct keeps up with SGLang's next field instead of a hand-kept list."""
+    unset = {f.name: None for f in msgspec.structs.fields(cls) if f.required and f.name not in given}
+    return cls(**given, **unset)
 
 
 @dataclass

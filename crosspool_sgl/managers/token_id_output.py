@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from crosspool_sgl.core.req import ReqOutput
-from crosspool_sgl.managers.io_struct import MultiModelBatchTokenIDOutput
+from crosspool_sgl.managers.io_struct import MultiModelBatchTokenIDOutput, with_unset_fields
 
 Detokenize = Callable[[list[int]], str]
 _REPLACEMENT = "\ufffd"  # how a tokenizer decodes the bytes of an incomplete UTF-8 character
@@ -135,7 +135,8 @@ def to_batch_token_id_output(
     outs = [o for o, _ in rows]
     opts = [p for _, p in rows]
     n = len(outs)
-    return MultiModelBatchTokenIDOutput(
+    return with_unset_fields(
+        MultiModelBatchTokenIDOutput,
         model=model,
         rids=[o.rid for o in outs],
         http_worker_ipcs=[None] * n,
@@ -153,7 +154,6 @@ def to_batch_token_id_output(
         cached_tokens=[o.cached_tokens for o in outs],
         retraction_counts=[o.num_retractions for o in outs],
         **_logprob_lists(outs),
-        **dict.fromkeys(_UNUSED_TOKEN_ID_FIELDS),
     )
 
 
@@ -200,15 +200,3 @@ def _logprob_lists(outs: list[ReqOutput]) -> dict[str, list]:
         "output_token_ids_logprobs_val": [[] for _ in range(n)],
         "output_token_ids_logprobs_idx": [[] for _ in range(n)],
     }
-
-
-# BatchTokenIDOutput's fields without defaults that we never fill (hidden states, routed experts, ...).
-_UNUSED_TOKEN_ID_FIELDS = (
-    "output_token_entropy_val",
-    "output_token_sampling_mask",
-    "output_hidden_states",
-    "routed_experts",
-    "indexer_topk",
-    "placeholder_tokens_idx",
-    "placeholder_tokens_val",
-)
