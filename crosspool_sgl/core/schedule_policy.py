@@ -176,7 +176,7 @@ class SchedulePolicy:
         headroom = budget.copy()  # what admissions may use once running requests keep their share
         # privileged: what a running request will still need is its own, whoever's working set it is in
         room = all([headroom.try_take(r.model, self.future_pages(r, 0), True) for r in [*keep, *in_flight]])
-        own_reserve = self._own_reserves(budget, [*keep, *in_flight])
+        own_reserve: dict[str, int] | None = None  # built for the first large admission only
         candidates = [r for r in keep if r.num_uncached > 1] + waiting
         deadline = {id(r): self.admission_key(r) for r in candidates}  # once per step: a cost estimate each
         candidates.sort(key=lambda r: deadline[id(r)])
@@ -211,6 +211,8 @@ class SchedulePolicy:
             # requests meanwhile would only cost their TTFT (long-context trace, two 9-12k prompts).
             reserve = not any(share + self._share(req) > 1.0 for share in running_large)
             if is_new and not overdue and self.large(req):  # its own model's working set stays free
+                if own_reserve is None:
+                    own_reserve = self._own_reserves(budget, [*keep, *in_flight])
                 future += own_reserve.get(req.model, 0)
             if is_new and num_running and not (room and headroom.copy().try_take(req.model, future, overdue)):
                 admitting = self._blocked(plan, req, future, overdue, reserve) and admitting
