@@ -48,6 +48,7 @@ class Req:
     output_top_logprobs: list[list] = field(default_factory=list)
 
     # timings
+    admitted_time: float | None = None  # when it last started running (None while waiting)
     first_token_time: float | None = None
     finished_time: float | None = None
 

@@ -68,6 +68,11 @@ class PolicyArgs:
     # and their wait beside every working set (TTFT 0.3-0.8 s -> 2.7-10.6 s in loaded in-process
     # replays) became the overall TTFT tail.
     max_request_share: float = 0.5
+    # How long a large request's prefill under way yields memory to others' new requests (it pauses
+    # when they need it) before its remaining prompt is reserved like any running request's: the
+    # aging bound of a large request's prefill. Reserving it at once let a 10.8k-token prompt, admitted
+    # in a lull of the warm model, hold back that model's next burst for its whole prefill (1-2 s TTFT).
+    max_large_yield_s: float = 30.0
 
 
 @dataclass
@@ -174,8 +179,21 @@ class SchedulePolicy:
         keep = self._schedule_running(running, budget, plan)
         step = _StepFill(self, [r for r, _ in plan.items])
         headroom = budget.copy()  # what admissions may use once running requests keep their share
+        started = [*keep, *in_flight]
+        yielding = {id(r) for r in started if self.yields(r, now)}
         # privileged: what a running request will still need is its own, whoever's working set it is in
-        room = all([headroom.try_take(r.model, self.future_pages(r, 0), True) for r in [*keep, *in_flight]])
+        room = all(
+            [
+                headroom.try_take(r.model, self.future_pages(r, 0), True)
+                for r in started
+                if id(r) not in yielding
+            ]
+        )
+        # a large prefill under way keeps only what others' working sets leave: if its rest does not fit
+        # beside them, nothing is kept for it (it pauses) and no other large request starts meanwhile
+        large_room = all(
+            [headroom.try_take(r.model, self.future_pages(r, 0)) for r in started if id(r) in yielding]
+        )
         own_reserve: dict[str, int] | None = None  # built for the first large admission only
         candidates = [r for r in keep if r.num_uncached > 1] + waiting
         deadline = {id(r): self.admission_key(r) for r in candidates}  # once per step: a cost estimate each
@@ -185,21 +203,26 @@ class SchedulePolicy:
                 key=lambda r: r.state is ReqState.WAITING and now < deadline[id(r)] and self.large(r)
             )
         num_running, admitting, num_prefills = len(keep) + len(in_flight), True, 0
-        running_large = [self._share(r) for r in [*keep, *in_flight] if self.large(r)]
+        reserver: Req | None = None  # the overdue request later admissions are held back for
+        running_large = [self.pool_share(r) for r in started if self.large(r)]
         for i, req in enumerate(candidates):
             if step.exhausted and num_prefills and not lane_free:
                 break
             is_new = req.state is ReqState.WAITING
-            overdue = now >= deadline[id(req)]
-            if is_new and (not admitting or num_running >= self.args.max_running_requests):
+            overdue = now >= deadline[id(req)] and id(req) not in yielding
+            if is_new and num_running >= self.args.max_running_requests:
+                continue
+            if is_new and not admitting and not self._backfills(req, reserver, headroom):
                 continue
             to_lane = lane_free and self._wants_lane(req, step)
             if to_lane:  # a long prefill: a chunk of a whole step's worth, beside the decodes
                 n = self.cost.max_tokens(req.model, req.num_cached, self.args.prefill_step_budget_ms, False)
                 # never the prompt's last token: sampling (penalty tables, grammars) stays on the step
                 n = min(req.num_uncached - 1, max(n, self.args.page_tokens))
-            else:  # a prefill under way leaves half of what is left to those queued behind it
+            else:  # a prefill under way leaves half of what is left to those queued behind it...
                 n = step.chunk_for(req, 0.5 if not is_new and i + 1 < len(candidates) else 1.0)
+                if n == 0 and not num_prefills:  # ...unless half can't pay for its model's forward: the
+                    n = step.chunk_for(req, 1.0)  # first in line gets the step, not a cheaper one behind it
             if n == 0 and (num_prefills or (step.has_decodes and not overdue)):
                 continue  # a cheaper request further down may still fit
             if overdue or n == 0:  # progress: one page at least (aging, when decodes fill every step)
@@ -209,16 +232,23 @@ class SchedulePolicy:
             # An overdue request reserves memory only when it can follow the running ones: beside a
             # large running request it cannot start before that one ends, and holding back the small
             # requests meanwhile would only cost their TTFT (long-context trace, two 9-12k prompts).
-            reserve = not any(share + self._share(req) > 1.0 for share in running_large)
+            reserve = not any(share + self.pool_share(req) > 1.0 for share in running_large)
             if is_new and not overdue and self.large(req):  # its own model's working set stays free
+                if not large_room:
+                    self._blocked(plan, req, future, overdue, reserve)
+                    continue
                 if own_reserve is None:
                     own_reserve = self._own_reserves(budget, [*keep, *in_flight])
                 future += own_reserve.get(req.model, 0)
             if is_new and num_running and not (room and headroom.copy().try_take(req.model, future, overdue)):
-                admitting = self._blocked(plan, req, future, overdue, reserve) and admitting
-                continue
-            if not budget.try_take(req.model, need, overdue):
-                admitting = self._blocked(plan, req, need, overdue, reserve) and admitting
+                pages = future
+            elif not budget.try_take(req.model, need, overdue):
+                pages = need
+            else:
+                pages = 0
+            if pages:
+                if not self._blocked(plan, req, pages, overdue, reserve) and admitting:
+                    admitting, reserver = False, req
                 continue
             if is_new:
                 headroom.try_take(req.model, future, overdue)
@@ -231,6 +261,46 @@ class SchedulePolicy:
             step.add(req, n)
             num_prefills += 1
         return None if plan.empty and plan.blocked is None else plan
+
+    def _backfills(self, req: Req, reserver: Req | None, headroom: PageBudget) -> bool:
+        """May `req` be admitted while later admissions are held back for the overdue `reserver`?
+
+        Yes when it takes nothing the reserver is waiting for: the reserver fits beside every other
+        model's working set (it waits for memory outside them, freed as the running requests end),
+        and `req` is another model's ordinary request inside its own model's working set. The
+        long-context trace: an overdue 6.4k-token prompt held back the warm model's short requests
+        for 1 s although it was waiting for a 12k-token prompt's memory, not for theirs."""
+        planner = headroom.planner
+        if reserver is None or planner is None or req.model == reserver.model or self.large(req):
+            return False
+        ws = planner.working_set
+        per_chunk = headroom.pages_per_chunk
+        others_ws = sum(c for m, c in ws.items() if m != reserver.model)
+        outside_ws = (planner.num_chunks - others_ws) * per_chunk.get(reserver.model, 0)
+        if self.footprint_pages(reserver) > outside_ws:
+            return False  # it needs working-set memory too: a full reservation (aging)
+        mine = headroom.owned.get(req.model, 0) - planner.large_held.get(req.model, 0)
+        inside = headroom.spare_pages.get(req.model, 0) + max(0, ws.get(req.model, 0) - mine) * per_chunk.get(
+            req.model, 0
+        )
+        return self.future_pages(req) <= inside
+
+    def yields(self, req: Req, now: float) -> bool:
+        """Does this running request's prefill yield memory to the others?
+
+        A large request admitted before it was overdue (it found room in a lull) claims the rest of
+        its prompt like a new request would — other models' working sets stay free, nothing is
+        reserved for it ahead of later arrivals — so it pauses while their bursts need the memory,
+        until `max_large_yield_s` after its arrival (aging). One admitted overdue has waited enough.
+        """
+        return (
+            req.state is ReqState.RUNNING
+            and req.num_uncached > 1
+            and req.admitted_time is not None
+            and now - req.arrival_time < self.args.max_large_yield_s
+            and self.large(req)
+            and req.admitted_time < self.admission_key(req)
+        )
 
     def _wants_lane(self, req: Req, step: _StepFill) -> bool:
         """A prefill whose rest costs more than this step can still give it runs in the lane."""
@@ -251,7 +321,7 @@ class SchedulePolicy:
     def _pool(self, req: Req) -> int:
         return self.pool_pages.get(req.model, 0)
 
-    def _share(self, req: Req) -> float:
+    def pool_share(self, req: Req) -> float:
         """The share of its model's view of the pool the request's footprint takes."""
         return self.footprint_pages(req) / max(self._pool(req), 1)
 

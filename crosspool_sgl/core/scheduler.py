@@ -348,7 +348,9 @@ class MultiModelScheduler:
         for req in plan.admit:
             self.waiting.remove(req)
             req.state = ReqState.RUNNING
+            req.admitted_time = time.monotonic()
             self.running.append(req)
+            self._log_admission(req)
         items = []
         for req, n in plan.items + ([plan.lane] if plan.lane is not None else []):
             if req.state is not ReqState.RUNNING:
@@ -363,6 +365,24 @@ class MultiModelScheduler:
             if plan.lane is None or req is not plan.lane[0]:
                 items.append((req, n))
         return items
+
+    def _log_admission(self, req: Req) -> None:
+        """Large or overdue admissions are rare and shape everyone's latency: say when and why."""
+        now = req.admitted_time
+        overdue = now >= self.policy.admission_key(req)
+        if not (overdue or self.policy.large(req)):
+            return
+        logger.info(
+            "admit %s (%s, %d tokens, %.0f%% of the pool%s) after %.2f s; %d chunks free, working sets %s",
+            req.rid,
+            req.model,
+            len(req.input_ids),
+            100 * self.policy.pool_share(req),
+            ", overdue" if overdue else "",
+            now - req.arrival_time,
+            len(self.kv_pool.free_chunks),
+            dict(self.kv_pool.planner.working_set) if self.kv_pool.planner is not None else {},
+        )
 
     def postprocess(self, items: list[tuple[Req, int]], results: dict[str, StepResult]) -> None:
         now = time.monotonic()
@@ -426,7 +446,7 @@ class MultiModelScheduler:
     def _retract(self, req: Req) -> None:
         """Give the pages back and requeue; the tokens so far are kept (their full pages stay cached)."""
         self._release_pages(req)
-        req.state = ReqState.WAITING
+        req.state, req.admitted_time = ReqState.WAITING, None
         req.num_retractions += 1
         if req in self.running:
             self.running.remove(req)

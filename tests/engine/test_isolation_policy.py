@@ -95,12 +95,12 @@ class Sim:
             return None
         for r in plan.retract:
             self.pool.free(r.model, len(r.pages))
-            r.pages, r.num_cached, r.state = [], 0, ReqState.WAITING
+            r.pages, r.num_cached, r.state, r.admitted_time = [], 0, ReqState.WAITING, None
             self.running.remove(r)
             self.waiting.insert(0, r)
         for r in plan.admit:
             self.waiting.remove(r)
-            r.state = ReqState.RUNNING
+            r.state, r.admitted_time = ReqState.RUNNING, now
             self.running.append(r)
         for r, n in plan.items:
             need = pages_for(r, n, PT)
@@ -326,3 +326,55 @@ def test_large_running_request_does_not_cover_its_models_working_set():
     assert p.may_claim("a", owned, free_chunks=15)  # 14 left >= the 10 b's working set needs
     assert not p.may_claim("a", owned, free_chunks=10)  # would leave b's short requests 9
     assert p.may_claim("a", owned, free_chunks=10, privileged=True)  # an overdue one may (aging)
+
+
+def test_a_large_prefill_under_way_pauses_for_another_models_burst():
+    """The long-context trace, seed 1: a 10.8k-token prompt (53% of the pool) found room in a lull of
+    the warm model, beside another long prompt of its model; the warm model's next burst then came
+    while it was prefilling. Reserving the rest of its prompt ahead of later arrivals held the burst
+    back for its whole prefill and decode (1-2 s TTFT); it yields instead: the burst is served at once
+    and the large prompt finishes after it."""
+    cost = StepCostModel({"warm": ModelCost(100.0, 100.0), "long": ModelCost(100.0, 100.0)}, warmup_steps=0)
+    p = planner("warm", "long")
+    sim = Sim(make_policy(p, cost), FakePool(p, ("warm", "long")))
+    sim.waiting.append(make_req("w-early", "warm", 100, 4, t=0.0))  # a small warm working set
+    sim.waiting.append(make_req("other", "long", 5000, 400, t=0.0))  # 39% of the pool, decoding long
+    now = 0.0
+    while "w-early" not in sim.first_token or "other" not in sim.first_token:
+        sim.step(now)
+        now = round(now + 0.02, 2)
+    large = make_req("large", "long", 7000, 64, t=now)  # 440 of 800 pages with its headroom
+    sim.waiting.append(large)
+    for _ in range(3):  # admitted in the lull (not overdue), its prefill under way
+        sim.step(now)
+        now = round(now + 0.02, 2)
+    assert large.state is ReqState.RUNNING and 0 < large.num_cached < 7000
+    burst_at = now
+    burst = [make_req(f"b{k}", "warm", 300, 60, t=now) for k in range(6)]  # ~16 chunks with headroom
+    sim.waiting += burst
+    while large.rid not in sim.first_token or any(r.rid not in sim.first_token for r in burst):
+        sim.step(now)
+        now = round(now + 0.02, 2)
+        assert now < 60, "starved"
+    # 1800 prompt tokens beside a decode's 4 ms step budget take ~0.35 s; behind the large prompt, 3.6 s
+    assert max(sim.first_token[r.rid] for r in burst) - burst_at <= 0.5
+    assert sim.first_token["large"] > max(sim.first_token[r.rid] for r in burst)  # it paused, then finished
+
+
+def test_an_overdue_reservation_does_not_hold_back_another_models_working_set():
+    """The long-context trace, seed 0: an overdue 6.4k-token prompt waits for the memory a running
+    12k-token prompt of its model holds; the warm model's short request that arrives meanwhile fits in
+    its own working set, which the overdue one is not waiting for: it is admitted (backfill). Without
+    that working set, the reservation holds it back as before."""
+    for warm_ws, admitted in ((20, ["q"]), (0, [])):
+        p = planner("warm", "long")
+        pool = FakePool(p, ("warm", "long"))
+        holder = running_req("holder", "long", 7_400, pool)  # large: 463 of 800 pages
+        busy = running_req("busy", "warm", 1_600, pool)  # 100 pages: 29 chunks left
+        p.observe_demand({"warm": warm_ws}, now=0.0, large_held={"long": pool.owned["long"]})
+        policy = make_policy(p)
+        overdue = make_req("r", "long", 4_000, 8, t=0.0)  # 251 pages; 29 chunks are 232
+        q = make_req("q", "warm", 100, 8, t=39.9)
+        plan = policy.next_batch([overdue, q], [holder, busy], pool.budget(), now=40.0)
+        assert plan.blocked[0].rid == "r" and plan.blocked_overdue
+        assert [r.rid for r in plan.admit] == admitted, warm_ws
