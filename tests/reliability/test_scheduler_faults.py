@@ -100,11 +100,13 @@ def test_unexpected_admission_error_is_a_500_for_that_request(server, monkeypatc
 def test_exception_inside_a_step_fails_its_batch_and_the_loop_goes_on(server, monkeypatch):
     server.sender = _FakeSender()
     real_run = server.scheduler.runner.run
-    calls = {"n": 0}
+    failed: list[str] = []
 
     def flaky(items):
-        calls["n"] += 1
-        if calls["n"] == 2:  # mid-decode: pages are held
+        # the first step where "a" decodes (pages held); which other requests share that step
+        # depends on the step cost model's budget, so the test records them instead of assuming
+        if not failed and any(req.rid == "a" and n == 1 for req, n in items):
+            failed.extend(req.rid for req, _ in items)
             raise RuntimeError("injected fault")
         return real_run(items)
 
@@ -113,8 +115,12 @@ def test_exception_inside_a_step_fails_its_batch_and_the_loop_goes_on(server, mo
     server.handle(msg("b", model="mix"))
     run_until_idle(server)
     finals = server.sender.finals()
+    assert "a" in failed
     for rid in ("a", "b"):
-        assert finals[rid]["status_code"] == 500 and "injected fault" in finals[rid]["message"]
+        if rid in failed:
+            assert finals[rid]["status_code"] == 500 and "injected fault" in finals[rid]["message"]
+        else:
+            assert finals[rid]["type"] == "length"
     assert server.scheduler.request_pages() == 0
     server.handle(msg("after"))  # the loop serves on
     run_until_idle(server)
