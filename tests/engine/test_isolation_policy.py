@@ -10,6 +10,10 @@ warm model's new request waits behind the 12k prompt) and
 `test_two_long_prompts_that_cannot_fit_together_run_one_after_the_other` fails (both are admitted
 chunk by chunk). The aging, time-budget and working-set tests need what the old policy did not
 have at all (deadlines with prefill time, a step cost model, demand-following floors).
+`test_a_large_prefill_under_way_pauses_for_another_models_burst` and
+`test_an_overdue_reservation_does_not_hold_back_another_models_working_set` fail on the policy of
+the previous round (large prefills' rest reserved ahead of later arrivals; a reservation held every
+later admission back): the two server-side tails of the long-context trace.
 """
 
 from __future__ import annotations
