@@ -283,13 +283,20 @@ def _handler_class(cls: type, *mixins: type) -> type:
     return type(cls.__name__, (*mixins, _OpenAIErrorBody, cls), {})
 
 
+def import_handlers() -> tuple[Any, Any, Any]:
+    """SGLang's serving_chat, serving_completions and TemplateManager (the launcher imports them
+    early, while its children start: `launch_server.import_frontend`)."""
+    from sglang.srt.entrypoints.openai import serving_chat, serving_completions
+    from sglang.srt.parser.template_manager import TemplateManager
+
+    return serving_chat, serving_completions, TemplateManager
+
+
 class SGLangOpenAIHandlers:
     """SGLang's completion and chat handlers, one pair per hosted model."""
 
     def __init__(self, tm: MultiModelTokenizerManager) -> None:
-        from sglang.srt.entrypoints.openai import serving_chat, serving_completions
-        from sglang.srt.parser.template_manager import TemplateManager
-
+        serving_chat, serving_completions, TemplateManager = import_handlers()
         OpenAIServingChat = _handler_class(serving_chat.OpenAIServingChat, _ChatLogprobsWithoutText)
         OpenAIServingCompletion = _handler_class(serving_completions.OpenAIServingCompletion)
         publish_frontend_config(tm.models)
