@@ -96,7 +96,8 @@ def parse_generate_body(body: dict[str, Any], model: str | None) -> tuple[list[G
             seeded = dict(sampling)
             if n > 1 and seeded.get("seed") is not None:
                 seeded["seed"] = sample_seed(seeded["seed"], j)
-            reqs.append(GenerateInput(model=model, sampling_params=seeded, **p, **one))
+            stream = bool(body.get("stream"))
+            reqs.append(GenerateInput(model=model, sampling_params=seeded, stream=stream, **p, **one))
     return reqs, single and n == 1, n
 
 

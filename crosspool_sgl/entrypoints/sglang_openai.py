@@ -155,6 +155,7 @@ class ModelFrontend:
                         top_logprobs_num=one.top_logprobs_num or 0,
                         return_text_in_logprobs=bool(one.return_text_in_logprobs),
                         rid=rid,
+                        stream=bool(one.stream),
                     )
                 )
         if isinstance(rids, list) and len(set(rids)) == len(out):

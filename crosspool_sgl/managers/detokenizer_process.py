@@ -8,7 +8,7 @@ The subclass overrides only what several models need:
 - `handle_batch_token_id_out`: picks the tokenizer of the message's model (the scheduler sends one
   `MultiModelBatchTokenIDOutput` per model per step), and fails that message's requests with a 500
   instead of ending the process when decoding raises;
-- `init_request_dispatcher`: control replies (`FlushCacheReqOutput`, `SchedulerInfoReqOutput`)
+- `init_request_dispatcher`: control replies (`FlushCacheReqOutput`, `GetInternalStateReqOutput`)
   pass through to the tokenizer side unchanged.
 
 Its constructor needs a published SGLang config (role "detokenizer", model-independent serving
