@@ -70,7 +70,10 @@ def run_once(src: Path, timeout_s: float, extra: list[str]) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "crosspool_sgl.launch_server", "--port", str(port), "--log-level", "warning"]
     load = os.getloadavg()[0]
     start = time.perf_counter()
-    proc = subprocess.Popen([*cmd, *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # cwd: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH.
+    proc = subprocess.Popen(
+        [*cmd, *extra], cwd=src, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     ps = psutil.Process(proc.pid)
     try:
         while not healthy(port):
@@ -141,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             "-c",
             "from crosspool_sgl.tools.make_tiny_models import ensure_tiny_models as e; e()",
         ],
+        cwd=next(iter(sides.values())),
         env={**os.environ, "PYTHONPATH": str(next(iter(sides.values())))},
         check=True,
     )
