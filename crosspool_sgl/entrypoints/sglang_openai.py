@@ -34,7 +34,7 @@ from starlette.background import BackgroundTasks
 
 from crosspool_sgl.entrypoints.tool_parsers import tools_error
 from crosspool_sgl.managers.parallel_sampling import submit_sharing_prefix
-from crosspool_sgl.managers.stream_holdback import StreamHoldback, held_back, stop_strings
+from crosspool_sgl.managers.stream_holdback import StreamHoldback, held_back
 from crosspool_sgl.managers.tokenizer_manager import (
     GenerateInput,
     ModelInfo,
@@ -193,7 +193,7 @@ class ModelFrontend:
                 final = None
                 results = self.tm.wait_for(states[0], is_disconnected)
                 if stream:
-                    results = held_back(results, states[0].obj.sampling_params)
+                    results = held_back(results)
                 async for result in results:
                     final = self._shape(result)
                     if stream:
@@ -208,7 +208,7 @@ class ModelFrontend:
                     yielded = True
                     yield [self._shape(r) for r in results]
             else:
-                gates = [StreamHoldback(stop_strings(s.obj.sampling_params)) for s in states]
+                gates = [StreamHoldback() for _ in states]
                 async for index, result in self.tm.merge_streams(states):
                     if not gates[index].release(result):
                         continue
