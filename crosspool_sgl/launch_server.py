@@ -516,14 +516,17 @@ def serve(args: ServerArgs) -> str | None:
 
     specs = args.engine.models
     configs = check_models(specs)
-    tokenizers = load_tokenizers(specs)
     ipc_dir = tempfile.mkdtemp(prefix="crosspool-ipc-")
     children = None
     fatal: list[str] = []
     # Until uvicorn installs its own handlers, SIGTERM must still run the cleanup below.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+        # The children start first: they import SGLang and build the models (most of start-up),
+        # while this process loads the tokenizers and imports its own front end, so neither waits.
         children = ChildProcesses(args, ipc_dir)
+        tokenizers = load_tokenizers(specs)
+        import_frontend()
         ready = children.wait_ready(args.startup_timeout_s)
         server: Any = None
 
@@ -551,6 +554,16 @@ def serve(args: ServerArgs) -> str | None:
             children.stop()
         shutil.rmtree(ipc_dir, ignore_errors=True)
     return fatal[0] if fatal else None
+
+
+def import_frontend() -> None:
+    """Import the HTTP front end (FastAPI routes, SGLang's OpenAI handlers): ~5 s of CPU that
+    `serve` overlaps with the children's start instead of running after they are ready."""
+    import crosspool_sgl.entrypoints.http_server  # noqa: F401
+    import crosspool_sgl.entrypoints.sglang_openai  # noqa: F401
+    from crosspool_sgl.entrypoints.sglang_openai import import_handlers
+
+    import_handlers()
 
 
 def build_app(

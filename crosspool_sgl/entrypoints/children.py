@@ -1,14 +1,45 @@
-"""The launcher's child processes: the scheduler and the detokenizer (spawned, ZMQ over ipc), and the
-FFN workers the scheduler starts in disaggregated mode. Start, wait until ready, list what the
-watchdog polls, stop (no orphans, even of a scheduler that was killed)."""
+"""The launcher's child processes: the scheduler and the detokenizer (ZMQ over ipc), and the FFN
+workers the scheduler starts in disaggregated mode. Start, wait until ready, list what the watchdog
+polls, stop (no orphans, even of a scheduler that was killed).
+
+Both children import the same ~9 s of SGLang and torch. On CPU they are forked from one fork server
+that imported those modules once (`forkserver` with a preload); with a GPU they are spawned, each
+importing for itself, because CUDA cannot be used in a process forked from one that queried the
+devices, and SGLang's imports do. The children are started from a thread: starting the first one
+waits for the fork server's imports, and the launcher has its own to do meanwhile."""
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing as mp
+import threading
 import time
 from typing import Any
 
 from crosspool_sgl.server_args import ServerArgs
+
+# The children's entry points, named rather than imported: importing them here would import SGLang
+# in the launcher before any child starts (the fork server imports them instead).
+_SCHEDULER_ENTRY = "crosspool_sgl.managers.scheduler_process:run_scheduler_process"
+_DETOKENIZER_ENTRY = "crosspool_sgl.managers.detokenizer_process:run_detokenizer_process"
+_PRELOAD = [e.partition(":")[0] for e in (_SCHEDULER_ENTRY, _DETOKENIZER_ENTRY)]
+_START_JOIN_S = 60.0  # longest wait in stop() for a start still in progress (the fork server's imports)
+
+
+def start_context(args: ServerArgs) -> Any:
+    """forkserver (children share one import of their modules) when every device is a CPU, else spawn."""
+    devices = (args.engine.device, *args.engine.disagg.ffn_devices)
+    if not all(d.split(":")[0] == "cpu" for d in devices):
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+def run_child(entry: str, *args: Any, **kwargs: Any) -> None:
+    """A child's first call (pickled by name): import `module:function` and run it."""
+    module, _, function = entry.partition(":")
+    getattr(importlib.import_module(module), function)(*args, **kwargs)
 
 
 class StartupError(RuntimeError):
@@ -19,35 +50,47 @@ class ChildProcesses:
     """The scheduler and detokenizer processes: start, wait until ready, stop (no orphans)."""
 
     def __init__(self, args: ServerArgs, ipc_dir: str) -> None:
-        from crosspool_sgl.managers.detokenizer_process import run_detokenizer_process
-        from crosspool_sgl.managers.scheduler_process import run_scheduler_process
-
         self.scheduler_addr = f"ipc://{ipc_dir}/scheduler"
         self.detokenizer_addr = f"ipc://{ipc_dir}/detokenizer"
         self.tokenizer_addr = f"ipc://{ipc_dir}/tokenizer"
-        ctx = mp.get_context("spawn")
+        ctx = start_context(args)
         paths = {s.name: s.path for s in args.engine.models}
         self.pipes: dict[str, Any] = {}
         self.procs: dict[str, Any] = {}
         self.ffn_pids: list[int] = []
         for name, target, targs in (
-            ("scheduler", run_scheduler_process, (args.engine, self.scheduler_addr, self.detokenizer_addr)),
-            ("detokenizer", run_detokenizer_process, (paths, self.detokenizer_addr, self.tokenizer_addr)),
+            ("scheduler", _SCHEDULER_ENTRY, (args.engine, self.scheduler_addr, self.detokenizer_addr)),
+            ("detokenizer", _DETOKENIZER_ENTRY, (paths, self.detokenizer_addr, self.tokenizer_addr)),
         ):
             reader, writer = ctx.Pipe(duplex=False)
             kwargs = {"log_level": args.log_level}
             if name == "scheduler":
                 kwargs["num_threads"] = args.num_threads
             self.procs[name] = ctx.Process(
-                target=target, args=(*targs, writer), kwargs=kwargs, name=f"crosspool-{name}", daemon=True
+                target=run_child,
+                args=(target, *targs, writer),
+                kwargs=kwargs,
+                name=f"crosspool-{name}",
+                daemon=True,
             )
             self.pipes[name] = reader
-        for p in self.procs.values():
-            p.start()
+        self.start_error: BaseException | None = None
+        self.starter = threading.Thread(target=self._start_all, name="crosspool-start-children", daemon=True)
+        self.starter.start()
+
+    def _start_all(self) -> None:
+        try:
+            for p in self.procs.values():
+                p.start()
+        except BaseException as e:  # re-raised by wait_ready
+            self.start_error = e
 
     def wait_ready(self, timeout_s: float) -> dict[str, Any]:
         """Block until both children report ready; raise StartupError with the child's message if not."""
         deadline = time.monotonic() + timeout_s
+        self.starter.join(timeout_s)
+        if self.start_error is not None or self.starter.is_alive():
+            raise StartupError(f"could not start the child processes: {self.start_error or 'timed out'}")
         ready: dict[str, Any] = {}
         while len(ready) < len(self.procs):
             if time.monotonic() > deadline:
@@ -78,10 +121,12 @@ class ChildProcesses:
         return out + [pid_probe(f"FFN worker {i}", pid) for i, pid in enumerate(self.ffn_pids)]
 
     def stop(self) -> None:
-        for p in self.procs.values():
+        self.starter.join(_START_JOIN_S)
+        started = [p for p in self.procs.values() if p.pid is not None]
+        for p in started:
             if p.is_alive():
                 p.terminate()
-        for p in self.procs.values():
+        for p in started:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from crosspool_sgl.entrypoints.http_io import DEFAULT_MAX_BODY_BYTES, error_response, read_json, sse
 from crosspool_sgl.entrypoints.metrics import ServerMetrics
 from crosspool_sgl.managers.parallel_sampling import submit_sharing_prefix
-from crosspool_sgl.managers.stream_holdback import StreamHoldback, held_back, stop_strings
+from crosspool_sgl.managers.stream_holdback import StreamHoldback, held_back
 from crosspool_sgl.managers.tokenizer_manager import (
     GenerateInput,
     ModelInfo,
@@ -96,7 +96,8 @@ def parse_generate_body(body: dict[str, Any], model: str | None) -> tuple[list[G
             seeded = dict(sampling)
             if n > 1 and seeded.get("seed") is not None:
                 seeded["seed"] = sample_seed(seeded["seed"], j)
-            reqs.append(GenerateInput(model=model, sampling_params=seeded, **p, **one))
+            stream = bool(body.get("stream"))
+            reqs.append(GenerateInput(model=model, sampling_params=seeded, stream=stream, **p, **one))
     return reqs, single and n == 1, n
 
 
@@ -197,7 +198,7 @@ async def _native_stream(
     prompt's position, samples of one prompt adjacent), then `data: [DONE]`."""
     if single:
         (state,) = states
-        results = held_back(tm.wait_for(state), state.obj.sampling_params)
+        results = held_back(tm.wait_for(state))
     else:
         results = _indexed(tm.merge_streams(states), states)
     try:
@@ -214,7 +215,7 @@ async def _indexed(
     merged: AsyncGenerator[tuple[int, dict[str, Any]], None], states: list[Any]
 ) -> AsyncGenerator[dict[str, Any], None]:
     """A batch's merged stream as SGLang sends it: each cumulative result with its `index`."""
-    gates = [StreamHoldback(stop_strings(s.obj.sampling_params)) for s in states]
+    gates = [StreamHoldback() for _ in states]
     try:
         async for index, result in merged:
             if gates[index].release(result):

@@ -34,7 +34,7 @@ from starlette.background import BackgroundTasks
 
 from crosspool_sgl.entrypoints.tool_parsers import tools_error
 from crosspool_sgl.managers.parallel_sampling import submit_sharing_prefix
-from crosspool_sgl.managers.stream_holdback import StreamHoldback, held_back, stop_strings
+from crosspool_sgl.managers.stream_holdback import StreamHoldback, held_back
 from crosspool_sgl.managers.tokenizer_manager import (
     GenerateInput,
     ModelInfo,
@@ -155,6 +155,7 @@ class ModelFrontend:
                         top_logprobs_num=one.top_logprobs_num or 0,
                         return_text_in_logprobs=bool(one.return_text_in_logprobs),
                         rid=rid,
+                        stream=bool(one.stream),
                     )
                 )
         if isinstance(rids, list) and len(set(rids)) == len(out):
@@ -192,7 +193,7 @@ class ModelFrontend:
                 final = None
                 results = self.tm.wait_for(states[0], is_disconnected)
                 if stream:
-                    results = held_back(results, states[0].obj.sampling_params)
+                    results = held_back(results)
                 async for result in results:
                     final = self._shape(result)
                     if stream:
@@ -207,7 +208,7 @@ class ModelFrontend:
                     yielded = True
                     yield [self._shape(r) for r in results]
             else:
-                gates = [StreamHoldback(stop_strings(s.obj.sampling_params)) for s in states]
+                gates = [StreamHoldback() for _ in states]
                 async for index, result in self.tm.merge_streams(states):
                     if not gates[index].release(result):
                         continue
@@ -283,13 +284,20 @@ def _handler_class(cls: type, *mixins: type) -> type:
     return type(cls.__name__, (*mixins, _OpenAIErrorBody, cls), {})
 
 
+def import_handlers() -> tuple[Any, Any, Any]:
+    """SGLang's serving_chat, serving_completions and TemplateManager (the launcher imports them
+    early, while its children start: `launch_server.import_frontend`)."""
+    from sglang.srt.entrypoints.openai import serving_chat, serving_completions
+    from sglang.srt.parser.template_manager import TemplateManager
+
+    return serving_chat, serving_completions, TemplateManager
+
+
 class SGLangOpenAIHandlers:
     """SGLang's completion and chat handlers, one pair per hosted model."""
 
     def __init__(self, tm: MultiModelTokenizerManager) -> None:
-        from sglang.srt.entrypoints.openai import serving_chat, serving_completions
-        from sglang.srt.parser.template_manager import TemplateManager
-
+        serving_chat, serving_completions, TemplateManager = import_handlers()
         OpenAIServingChat = _handler_class(serving_chat.OpenAIServingChat, _ChatLogprobsWithoutText)
         OpenAIServingCompletion = _handler_class(serving_completions.OpenAIServingCompletion)
         publish_frontend_config(tm.models)

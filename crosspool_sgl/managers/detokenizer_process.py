@@ -8,7 +8,7 @@ The subclass overrides only what several models need:
 - `handle_batch_token_id_out`: picks the tokenizer of the message's model (the scheduler sends one
   `MultiModelBatchTokenIDOutput` per model per step), and fails that message's requests with a 500
   instead of ending the process when decoding raises;
-- `init_request_dispatcher`: control replies (`FlushCacheReqOutput`, `SchedulerInfoReqOutput`)
+- `init_request_dispatcher`: control replies (`FlushCacheReqOutput`, `GetInternalStateReqOutput`)
   pass through to the tokenizer side unchanged.
 
 Its constructor needs a published SGLang config (role "detokenizer", model-independent serving
@@ -18,7 +18,10 @@ flags) and a `PortArgs`, of which only the two socket names are read: we build b
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
+import os
 import signal
+import threading
 from array import array
 from typing import Any
 
@@ -110,6 +113,21 @@ def detokenizer_port_args(recv_addr: str, send_addr: str) -> PortArgs:
     )
 
 
+def exit_with_launcher() -> None:
+    """Exit when the launcher does. prctl's parent-death signal (SGLang's `kill_itself_when_parent_died`)
+    follows the OS parent, which is the fork server when the children are forked from one
+    (entrypoints/children.py), and that server lives as long as we do: watch the launcher itself."""
+    launcher = mp.parent_process()
+    if launcher is None:
+        return
+
+    def watch() -> None:
+        launcher.join()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-launcher", daemon=True).start()
+
+
 def run_detokenizer_process(
     model_paths: dict[str, str],
     recv_addr: str,
@@ -128,6 +146,7 @@ def run_detokenizer_process(
     from transformers import AutoTokenizer
 
     kill_itself_when_parent_died()
+    exit_with_launcher()
     try:
         server_args = detokenizer_server_args(model_paths)
         publish(server_args, role="detokenizer")

@@ -1,40 +1,43 @@
-"""The messages between the server's processes: SGLang's io_struct, plus what SGLang has no equivalent for.
+"""The messages between the server's processes: SGLang's io_struct, two subclasses adding the model.
 
-    tokenizer --TokenizedGenerateReqInput*, SchedulerInfoReqInput*, AbortReq, FlushCacheReqInput--> scheduler
-    scheduler --MultiModelBatchTokenIDOutput*, FlushCacheReqOutput, SchedulerInfoReqOutput*--> detokenizer
+    tokenizer   --MultiModelTokenizedGenerateReqInput*, AbortReq, FlushCacheReqInput,
+                  GetInternalStateReq--> scheduler
+    scheduler   --MultiModelBatchTokenIDOutput*, FlushCacheReqOutput,
+                  GetInternalStateReqOutput--> detokenizer
     detokenizer --BatchStrOutput, the control replies unchanged--> tokenizer
-    (* ours; every other class is SGLang's own, re-exported here)
+    (* SGLang's struct plus a `model` field; every other class is SGLang's own, re-exported here)
 
-Scheduler -> detokenizer -> tokenizer use SGLang's `sock_send`/`sock_recv`, so that path is
-SGLang's wire format: pickle by default in 0.5.23, msgpack with `SGLANG_USE_PICKLE_IPC=0`; our
-structs are registered with SGLang's `hook_custom_types` for the latter. Control replies pass the
-detokenizer unchanged, so the tokenizer side reads one socket.
+Every hop uses SGLang's `sock_send`/`sock_recv`, so the wire format is SGLang's: pickle by default
+in 0.5.23, msgpack with `SGLANG_USE_PICKLE_IPC=0`; our two subclasses are registered with SGLang's
+`hook_custom_types` for the latter. Control replies pass the detokenizer unchanged, so the
+tokenizer side reads one socket.
 
-Ours, and why:
+Ours, and why: SGLang's server serves one model, so neither its request nor its output names one.
+- `MultiModelTokenizedGenerateReqInput`: SGLang's `TokenizedGenerateReqInput` (its `SamplingParams`,
+  normalised as SGLang's TokenizerManager leaves it) plus the model it is for.
 - `MultiModelBatchTokenIDOutput`: SGLang's `BatchTokenIDOutput` plus the `model` its rows belong
   to (one message per model per step), which picks the detokenizer's tokenizer.
-- `TokenizedGenerateReqInput`: SGLang's carries an SGLang `SamplingParams` and ~30 fields we do not
-  serve (multimodal, LoRA, sessions, disaggregation), and no model id; ours carries the model and
-  our sampling dict. The tokenizer -> scheduler path stays pickled (`send_pyobj`) because of it.
-- `SchedulerInfoReqInput`/`SchedulerInfoReqOutput`: the per-model pool usage behind
-  /get_server_info and /metrics; SGLang's internal-state messages report one engine's scheduler.
+`GetInternalStateReqOutput.internal_state` carries the per-model pool usage behind /get_server_info
+and /metrics (SGLang's carries its one scheduler's state).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgspec
 from sglang.srt.managers.io_struct import (
     AbortReq,
-    BaseReq,
     BatchStrOutput,
     BatchTokenIDOutput,
     FlushCacheReqInput,
     FlushCacheReqOutput,
+    GetInternalStateReq,
+    GetInternalStateReqOutput,
+    TokenizedGenerateReqInput,
     hook_custom_types,
 )
+from sglang.srt.sampling.sampling_params import SamplingParams
 
 __all__ = [
     "with_unset_fields",
@@ -43,9 +46,11 @@ __all__ = [
     "BatchTokenIDOutput",
     "FlushCacheReqInput",
     "FlushCacheReqOutput",
+    "GetInternalStateReq",
+    "GetInternalStateReqOutput",
     "MultiModelBatchTokenIDOutput",
-    "SchedulerInfoReqInput",
-    "SchedulerInfoReqOutput",
+    "MultiModelTokenizedGenerateReqInput",
+    "SamplingParams",
     "TokenizedGenerateReqInput",
 ]
 
@@ -61,15 +66,10 @@ def with_unset_fields(cls: type[S], **given: Any) -> S:
     return cls(**given, **unset)
 
 
-@dataclass
-class TokenizedGenerateReqInput:
-    rid: str
+class MultiModelTokenizedGenerateReqInput(TokenizedGenerateReqInput, kw_only=True):
+    """One tokenised request for one hosted model (SGLang's fields; built in managers/validation.py)."""
+
     model: str
-    input_ids: list[int]
-    sampling_params: dict[str, Any]
-    return_logprob: bool = False
-    logprob_start_len: int = -1
-    top_logprobs_num: int = 0
 
 
 class MultiModelBatchTokenIDOutput(BatchTokenIDOutput, kw_only=True):
@@ -78,13 +78,5 @@ class MultiModelBatchTokenIDOutput(BatchTokenIDOutput, kw_only=True):
     model: str
 
 
-class SchedulerInfoReqInput(BaseReq, kw_only=True):
-    """Ask for KV/weights pool usage and queue depths (for /get_server_info and /metrics)."""
-
-
-class SchedulerInfoReqOutput(BaseReq, kw_only=True):
-    info: dict[str, Any]
-
-
 # msgpack decoding knows only registered structs (pickle, the default, needs no registration).
-hook_custom_types(MultiModelBatchTokenIDOutput, SchedulerInfoReqInput, SchedulerInfoReqOutput)
+hook_custom_types(MultiModelTokenizedGenerateReqInput, MultiModelBatchTokenIDOutput)

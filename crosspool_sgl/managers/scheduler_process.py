@@ -5,9 +5,13 @@ idle server never spins a core), add/abort, step, send the outputs on to the
 detokenizer. The loop checks its parent once a second while idle and exits when
 the parent is gone, so a killed launcher leaves no orphan.
 
-The engine core reports `ReqOutput`s; this process turns them into SGLang's wire format
-(`managers/token_id_output.py`: one `BatchTokenIDOutput` per model per step, sent with SGLang's
-`sock_send`), so SGLang's DetokenizerManager can decode them.
+The wire is SGLang's both ways (`sock_recv`/`sock_send`): in come SGLang's
+`TokenizedGenerateReqInput` (ours adds the model: `MultiModelTokenizedGenerateReqInput`; a plain one
+is for the first model), `AbortReq`, `FlushCacheReqInput` and `GetInternalStateReq`. `core_request`
+turns SGLang's request into the engine core's `Req` (the core never sees an SGLang type). Out go
+`FlushCacheReqOutput`, `GetInternalStateReqOutput` (our per-model pool usage) and the core's
+`ReqOutput`s as SGLang's `BatchTokenIDOutput`, one per model per step (`managers/token_id_output.py`),
+so SGLang's DetokenizerManager can decode them.
 """
 
 from __future__ import annotations
@@ -15,20 +19,25 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import signal
+from collections.abc import Sized
 from typing import Any
 
+import msgspec
 import zmq
-from sglang.srt.managers.io_struct import sock_send
+from sglang.srt.managers.io_struct import sock_recv, sock_send
+from sglang.srt.sampling.sampling_params import TOP_K_ALL
 
 from crosspool_sgl.core.req import Req, ReqOutput
 from crosspool_sgl.managers.io_struct import (
     AbortReq,
     FlushCacheReqInput,
     FlushCacheReqOutput,
-    SchedulerInfoReqInput,
-    SchedulerInfoReqOutput,
+    GetInternalStateReq,
+    GetInternalStateReqOutput,
+    MultiModelTokenizedGenerateReqInput,
     TokenizedGenerateReqInput,
 )
+from crosspool_sgl.managers.io_struct import SamplingParams as SGLangSamplingParams
 from crosspool_sgl.managers.token_id_output import DetokenizeOptions, TokenIdOutputs
 from crosspool_sgl.runtime import Runtime, build_runtime, usable_cores
 from crosspool_sgl.sampling_params import InvalidRequestError, SamplingParams
@@ -52,11 +61,13 @@ class SchedulerServer:
         self.sender.connect(send_addr)
         self.token_id_outputs = TokenIdOutputs(self.scheduler.detokenizers)
         self.stopping = False
+        self.default_model = next(iter(runtime.models))
         self.dispatch = {
+            MultiModelTokenizedGenerateReqInput: self.handle_generate,
             TokenizedGenerateReqInput: self.handle_generate,
             AbortReq: self.handle_abort,
             FlushCacheReqInput: self.handle_flush_cache,
-            SchedulerInfoReqInput: self.handle_info,
+            GetInternalStateReq: self.handle_info,
         }
 
     def event_loop(self) -> None:
@@ -99,7 +110,9 @@ class SchedulerServer:
         if self.scheduler.fail_request(msg.rid, message, status_code):
             return  # it was queued: the scheduler emits its error with the next outputs
         reason = {"type": "abort", "message": message, "status_code": status_code}
-        self.send_outputs([ReqOutput(msg.rid, msg.model, [], [], [], True, reason, len(msg.input_ids), 0)])
+        prompt_len = len(msg.input_ids) if isinstance(msg.input_ids, Sized) else 0
+        model = getattr(msg, "model", self.default_model)
+        self.send_outputs([ReqOutput(msg.rid, model, [], [], [], True, reason, prompt_len, 0)])
 
     def recv_all(self, block: bool) -> list[Any]:
         msgs = []
@@ -107,7 +120,7 @@ class SchedulerServer:
             return msgs
         while True:
             try:
-                msgs.append(self.receiver.recv_pyobj(zmq.NOBLOCK))
+                msgs.append(sock_recv(self.receiver, zmq.NOBLOCK))
             except zmq.Again:
                 return msgs
 
@@ -119,22 +132,13 @@ class SchedulerServer:
     # ---- handlers -----------------------------------------------------------------------
     def handle_generate(self, msg: TokenizedGenerateReqInput) -> None:
         try:
-            params = SamplingParams.from_dict(msg.sampling_params)
-            req = Req(
-                msg.rid,
-                msg.model,
-                list(msg.input_ids),
-                params,
-                msg.return_logprob,
-                msg.logprob_start_len,
-                msg.top_logprobs_num,
-            )
+            req = core_request(msg, self.default_model)
             self.scheduler.add_request(req)
         except (InvalidRequestError, TypeError, ValueError) as e:
             logger.info("rejected %s: %s", msg.rid, e)
             self.fail_new_request(msg, str(e), 400)
             return
-        self.token_id_outputs.add(msg.rid, DetokenizeOptions.of(params))
+        self.token_id_outputs.add(msg.rid, DetokenizeOptions.of(req.params))
 
     def handle_abort(self, msg: AbortReq) -> None:
         if self.scheduler.abort(msg.rid):
@@ -150,8 +154,79 @@ class SchedulerServer:
             logger.info("flush_cache: %d cached prefix pages freed", freed)
         sock_send(self.sender, FlushCacheReqOutput(rid=msg.rid, success=idle))
 
-    def handle_info(self, msg: SchedulerInfoReqInput) -> None:
-        sock_send(self.sender, SchedulerInfoReqOutput(rid=msg.rid, info=scheduler_info(self.runtime)))
+    def handle_info(self, msg: GetInternalStateReq) -> None:
+        info = scheduler_info(self.runtime)
+        sock_send(self.sender, GetInternalStateReqOutput(rid=msg.rid, internal_state=info))
+
+
+# ---- SGLang's request -> the engine core's ----------------------------------------------
+# TokenizedGenerateReqInput fields the core serves; every other one must hold its default.
+_SERVED = frozenset(
+    {"rid", "http_worker_ipc", "model", "input_text", "input_ids", "sampling_params", "return_logprob"}
+    | {"logprob_start_len", "top_logprobs_num", "stream", "time_stats", "sampling_logprobs_mode"}
+)
+# SGLang sampling fields we do not act on: passed to our parser, which refuses them unless neutral.
+_UNSERVED_SAMPLING = ("n", "beam_width", "custom_params", "watermark", "stream_interval")
+
+
+def core_request(msg: TokenizedGenerateReqInput, default_model: str) -> Req:
+    """SGLang's request as the core's `Req`. Its sampling params are parsed and checked again
+    (the tokenizer side checked them; this process must not trust its socket): InvalidRequestError,
+    TypeError or ValueError means a 400 for that request."""
+    unserved = [
+        f.name
+        for f in msgspec.structs.fields(msg)
+        if f.name not in _SERVED and getattr(msg, f.name) != _default(f)
+    ]
+    if unserved:
+        raise InvalidRequestError(f"unsupported request fields: {', '.join(unserved)}")
+    sp = msg.sampling_params
+    if not isinstance(sp, SGLangSamplingParams):
+        raise InvalidRequestError(f"sampling_params must be SGLang's SamplingParams, got {sp!r}")
+    params = SamplingParams.from_dict(our_sampling_dict(sp))
+    model = getattr(msg, "model", default_model)
+    ids = list(msg.input_ids or [])
+    return Req(msg.rid, model, ids, params, msg.return_logprob, msg.logprob_start_len, msg.top_logprobs_num)
+
+
+def _default(f: msgspec.structs.FieldInfo) -> Any:
+    """What a field holds when the sender left it alone (a required one we never fill: None)."""
+    if f.default is not msgspec.NODEFAULT:
+        return f.default
+    return None if f.default_factory is msgspec.NODEFAULT else f.default_factory()
+
+
+def our_sampling_dict(sp: SGLangSamplingParams) -> dict[str, Any]:
+    """SGLang's SamplingParams as the dict our `SamplingParams.from_dict` parses. SGLang spells greedy
+    top_k 1 (its `__post_init__` turns temperature 0 into temperature 1, top_k 1), ours temperature 0;
+    its "whole vocabulary" top_k is our -1."""
+    stop = sp.stop_strs if sp.is_normalized else sp.stop
+    greedy = sp.top_k == 1
+    return {
+        "max_new_tokens": sp.max_new_tokens,
+        "temperature": 0.0 if greedy else sp.temperature,
+        "top_p": sp.top_p,
+        "top_k": -1 if greedy or sp.top_k == TOP_K_ALL else sp.top_k,
+        "min_p": sp.min_p,
+        "stop": stop or [],
+        "stop_token_ids": sorted(sp.stop_token_ids or ()),
+        "ignore_eos": sp.ignore_eos,
+        "seed": sp.sampling_seed,
+        "skip_special_tokens": sp.skip_special_tokens,
+        "spaces_between_special_tokens": sp.spaces_between_special_tokens,
+        "no_stop_trim": sp.no_stop_trim,
+        "frequency_penalty": sp.frequency_penalty,
+        "presence_penalty": sp.presence_penalty,
+        "repetition_penalty": sp.repetition_penalty,
+        "min_new_tokens": sp.min_new_tokens,
+        "logit_bias": sp.logit_bias,
+        "regex": sp.regex,
+        "json_schema": sp.json_schema,
+        "ebnf": sp.ebnf,
+        "structural_tag": sp.structural_tag,
+        "stop_regex": (sp.stop_regex_strs if sp.is_normalized else sp.stop_regex) or None,
+        **{name: getattr(sp, name) for name in _UNSERVED_SAMPLING},
+    }
 
 
 def scheduler_info(runtime: Runtime) -> dict[str, Any]:

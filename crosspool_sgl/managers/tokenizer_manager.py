@@ -11,9 +11,11 @@ process-global runtime context (`assert_published(server_args)`, `get_serving()`
 it. Several instances, one per model, cannot coexist in one process (the
 context is process-wide and not async-safe), and one instance cannot hold
 several tokenizers without overriding most of its 4,000 lines. We keep its
-message names and response shapes instead, and it reads SGLang's own
-`BatchStrOutput` from the detokenizer (SGLang's DetokenizerManager, one tokenizer
-per model: managers/detokenizer_process.py). SGLANG_FRONTEND.md has the detailed
+message names and response shapes instead: it sends SGLang's own structs to the scheduler
+(`TokenizedGenerateReqInput` with the model added, built in `validation.py`; `AbortReq`,
+`FlushCacheReqInput`, `GetInternalStateReq`) and reads SGLang's `BatchStrOutput` from the
+detokenizer (SGLang's DetokenizerManager, one tokenizer per model: managers/detokenizer_process.py).
+SGLANG_FRONTEND.md has the detailed
 assessment; SGLang's OpenAI handlers run on this manager through
 `entrypoints/sglang_openai.py`.
 """
@@ -31,7 +33,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
-from sglang.srt.managers.io_struct import async_sock_recv
+from sglang.srt.managers.io_struct import async_sock_recv, sock_send
 
 from crosspool_sgl.managers.admission import QueueBounds
 from crosspool_sgl.managers.errors import RequestError, unavailable
@@ -40,13 +42,12 @@ from crosspool_sgl.managers.io_struct import (
     BatchStrOutput,
     FlushCacheReqInput,
     FlushCacheReqOutput,
-    SchedulerInfoReqInput,
-    SchedulerInfoReqOutput,
-    TokenizedGenerateReqInput,
+    GetInternalStateReq,
+    GetInternalStateReqOutput,
 )
 from crosspool_sgl.managers.output_delta import OutputDelta
 from crosspool_sgl.managers.result_format import LogprobLists, format_result
-from crosspool_sgl.managers.validation import check_prompt, check_request
+from crosspool_sgl.managers.validation import check_prompt, check_request, tokenized_request
 from crosspool_sgl.sampling_params import SamplingParams
 
 __all__ = ["GenerateInput", "ModelInfo", "MultiModelTokenizerManager", "RequestError"]
@@ -72,6 +73,7 @@ class GenerateInput:
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
     rid: str | None = None
+    stream: bool = False  # SGLang's TokenizedGenerateReqInput.stream: whether the client streams
 
 
 @dataclass
@@ -141,7 +143,7 @@ class MultiModelTokenizerManager:
         self.draining = False  # SIGTERM: new requests answer 503, in-flight ones finish
         self.dispatch = {
             BatchStrOutput: self.handle_batch_str_output,
-            SchedulerInfoReqOutput: self.handle_control_output,
+            GetInternalStateReqOutput: self.handle_control_output,
             FlushCacheReqOutput: self.handle_control_output,
         }
 
@@ -230,26 +232,14 @@ class MultiModelTokenizerManager:
         """Validate, tokenize and send one request; raises RequestError before anything is sent."""
         obj.model = self.resolve_model(obj.model)
         self.check_admission(obj.model, 1)
-        _, ids = prepared or self.prepare(obj)
+        params, ids = prepared or self.prepare(obj)
         obj.rid = obj.rid or f"{uuid.uuid4().hex}-{next(self._ids)}"
         if obj.rid in self.rid_to_state:
             raise RequestError(f"duplicate request id {obj.rid!r}", param="rid")
+        msg = tokenized_request(obj, ids, params, self.tokenizers[obj.model])
         state = ReqState(obj, ids)
         self.rid_to_state[obj.rid] = state
-        start = obj.logprob_start_len
-        if obj.return_logprob and start < 0:
-            start = len(ids) - 1  # SGLang's default: only the last prompt position
-        self.sender.send_pyobj(
-            TokenizedGenerateReqInput(
-                obj.rid,
-                obj.model,
-                ids,
-                obj.sampling_params,
-                obj.return_logprob,
-                start,
-                obj.top_logprobs_num,
-            )
-        )
+        sock_send(self.sender, msg)
         self.metrics.on_request(obj.model)
         return state
 
@@ -384,7 +374,7 @@ class MultiModelTokenizerManager:
 
     def abort_request(self, rid: str) -> None:
         if self.rid_to_state.pop(rid, None) is not None:
-            self.sender.send_pyobj(AbortReq(rid=rid))
+            sock_send(self.sender, AbortReq(rid=rid))
 
     def handle_batch_str_output(self, batch: BatchStrOutput) -> None:
         """SGLang's BatchStrOutput from the detokenizer: each row is queued on its request."""
@@ -451,19 +441,19 @@ class MultiModelTokenizerManager:
         req_id = uuid.uuid4().hex
         fut = asyncio.get_running_loop().create_future()
         self.control_futures[req_id] = fut
-        self.sender.send_pyobj(msg_type(rid=req_id))
+        sock_send(self.sender, msg_type(rid=req_id))
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:
             self.control_futures.pop(req_id, None)
 
     async def get_scheduler_info(self) -> dict[str, Any]:
-        return (await self.control(SchedulerInfoReqInput)).info
+        return (await self.control(GetInternalStateReq)).internal_state
 
     async def flush_cache(self) -> bool:
         return (await self.control(FlushCacheReqInput)).success
 
-    def handle_control_output(self, msg: SchedulerInfoReqOutput | FlushCacheReqOutput) -> None:
+    def handle_control_output(self, msg: GetInternalStateReqOutput | FlushCacheReqOutput) -> None:
         fut = self.control_futures.get(msg.rid)
         if fut is not None and not fut.done():
             fut.set_result(msg)

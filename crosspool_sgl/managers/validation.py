@@ -1,16 +1,21 @@
-"""Type and range checks of one generation request: the one place every route's input passes.
+"""One generation request checked and built: the one place every route's input passes.
 
-`MultiModelTokenizerManager.submit` calls `check_request` before tokenising and
-`check_prompt` after, so nothing malformed is ever sent to the scheduler (which
-trusts its input: a seed "abc" or top_logprobs_num "x" used to end its process
-and every model with it). Errors are `RequestError`s: a 4xx with an OpenAI body.
+`MultiModelTokenizerManager.submit` calls `check_request` before tokenising, `check_prompt` after,
+then `tokenized_request`, which builds what travels to the scheduler: SGLang's
+`TokenizedGenerateReqInput` with SGLang's `SamplingParams`, normalised as SGLang's TokenizerManager
+leaves them, plus the model (`MultiModelTokenizedGenerateReqInput`). So nothing malformed is ever
+sent (a seed "abc" or top_logprobs_num "x" used to end the scheduler process and every model with
+it). Errors are `RequestError`s: a 4xx with an OpenAI body.
 """
 
 from __future__ import annotations
 
+from array import array
 from typing import Any
 
 from crosspool_sgl.managers.errors import RequestError
+from crosspool_sgl.managers.io_struct import MultiModelTokenizedGenerateReqInput, with_unset_fields
+from crosspool_sgl.managers.io_struct import SamplingParams as SGLangSamplingParams
 from crosspool_sgl.sampling_params import InvalidRequestError, SamplingParams
 
 MAX_CHOICES = 128  # n (parallel samples) per request, as OpenAI's API bounds it
@@ -87,3 +92,57 @@ def check_prompt(
 def check_num_choices(n: Any) -> None:
     if n is not None and (not _is_int(n) or not 1 <= n <= MAX_CHOICES):
         raise RequestError(f"`n` must be an integer in [1, {MAX_CHOICES}], got {n!r}", param="n")
+
+
+def tokenized_request(
+    obj: Any, ids: list[int], params: SamplingParams, tokenizer: Any
+) -> MultiModelTokenizedGenerateReqInput:
+    """A checked request (GenerateInput, its prompt ids and parsed params) as SGLang's struct."""
+    start = obj.logprob_start_len
+    if obj.return_logprob and start < 0:
+        start = len(ids) - 1  # SGLang's default: only the last prompt position
+    return with_unset_fields(
+        MultiModelTokenizedGenerateReqInput,
+        rid=obj.rid,
+        model=obj.model,
+        input_text=obj.text,
+        input_ids=array("q", ids),
+        sampling_params=sglang_sampling_params(params, tokenizer),
+        return_logprob=obj.return_logprob,
+        logprob_start_len=start,
+        top_logprobs_num=obj.top_logprobs_num,
+        stream=obj.stream,
+    )
+
+
+def sglang_sampling_params(params: SamplingParams, tokenizer: Any) -> SGLangSamplingParams:
+    """Our parsed params as SGLang's SamplingParams, normalised as SGLang's TokenizerManager sends them
+    (its `__post_init__` spells greedy as top_k 1, `normalize` moves `stop` to `stop_strs`)."""
+    out = SGLangSamplingParams(
+        max_new_tokens=params.max_new_tokens,
+        stop=list(params.stop) or None,
+        stop_token_ids=set(params.stop_token_ids) or None,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        min_p=params.min_p,
+        frequency_penalty=params.frequency_penalty,
+        presence_penalty=params.presence_penalty,
+        repetition_penalty=params.repetition_penalty,
+        min_new_tokens=params.min_new_tokens,
+        json_schema=params.json_schema,
+        regex=params.regex,
+        ebnf=params.ebnf,
+        structural_tag=params.structural_tag,
+        ignore_eos=params.ignore_eos,
+        skip_special_tokens=params.skip_special_tokens,
+        spaces_between_special_tokens=params.spaces_between_special_tokens,
+        no_stop_trim=params.no_stop_trim,
+        logit_bias={str(k): v for k, v in params.logit_bias.items()} if params.logit_bias else None,
+        sampling_seed=params.seed,
+    )
+    try:
+        out.normalize(tokenizer)
+    except ValueError as e:  # SGLang's own bounds (e.g. at most 32 stop strings)
+        raise RequestError(str(e), param="stop") from e
+    return out

@@ -10,7 +10,7 @@ from detok_helpers import CountingTokenizer, detokenizer, spm_tokenizer, stream
 from transformers import AutoTokenizer
 
 from crosspool_sgl.core.req import ReqOutput
-from crosspool_sgl.managers.io_struct import FlushCacheReqOutput, SchedulerInfoReqOutput
+from crosspool_sgl.managers.io_struct import FlushCacheReqOutput, GetInternalStateReqOutput
 from crosspool_sgl.managers.token_id_output import DetokenizeOptions, TokenIdOutputs
 
 TRICKY = "hello naïve café — 価格 😀 the cat reads a book again ok 🐈‍⬛ é"
@@ -109,7 +109,10 @@ def test_each_model_is_decoded_with_its_own_tokenizer(manager, tokenizers):
 
 
 def test_control_replies_pass_through(manager):
-    for msg in (FlushCacheReqOutput(rid="f", success=True), SchedulerInfoReqOutput(rid="i", info={"a": 1})):
+    for msg in (
+        FlushCacheReqOutput(rid="f", success=True),
+        GetInternalStateReqOutput(rid="i", internal_state={"a": 1}),
+    ):
         assert manager._request_dispatcher(msg) is msg
 
 

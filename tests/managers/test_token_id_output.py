@@ -14,8 +14,8 @@ from transformers import AutoTokenizer
 from crosspool_sgl.core.req import ReqOutput
 from crosspool_sgl.managers.io_struct import (
     FlushCacheReqOutput,
+    GetInternalStateReqOutput,
     MultiModelBatchTokenIDOutput,
-    SchedulerInfoReqOutput,
 )
 from crosspool_sgl.managers.output_delta import OutputDelta
 from crosspool_sgl.managers.token_id_output import DetokenizeOptions, TokenIdOutputs, ends_in_stop_prefix
@@ -79,7 +79,10 @@ def _wire(obj, wire: str):
 
 def test_control_replies_cross_both_wires():
     info = {"kv_pool": {"used_pages": {"m": 3}}, "num_steps": 7, "ratio": 0.5}
-    for msg in (SchedulerInfoReqOutput(rid="i", info=info), FlushCacheReqOutput(rid="f", success=True)):
+    for msg in (
+        GetInternalStateReqOutput(rid="i", internal_state=info),
+        FlushCacheReqOutput(rid="f", success=True),
+    ):
         for wire in ("pickle", "msgpack"):
             assert _wire(msg, wire) == msg
 

@@ -140,3 +140,13 @@ def test_sigterm_drains_in_flight_requests(llama, tmp_path):
     assert out["resp"].json()["usage"]["completion_tokens"] == 200
     assert srv.proc.wait(timeout=30) == 0
     srv.assert_no_orphans()
+
+
+def test_launcher_killed_takes_its_children_along(llama, tmp_path):
+    """SIGKILL on the launcher: no handler runs, so every child must notice by itself (the scheduler
+    polls its parent; the detokenizer, whose OS parent is the fork server on CPU, watches the launcher)."""
+    srv = Launcher(llama, tmp_path / "log")
+    assert {"scheduler", "detokenizer"} <= set(srv.pids)
+    srv.proc.kill()
+    srv.proc.wait(timeout=10)
+    srv.assert_no_orphans()

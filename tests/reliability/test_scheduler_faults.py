@@ -8,7 +8,9 @@ import pytest
 from crosspool_sgl.managers.io_struct import (
     BatchTokenIDOutput,
     MultiModelBatchTokenIDOutput,
-    TokenizedGenerateReqInput,
+    MultiModelTokenizedGenerateReqInput,
+    SamplingParams,
+    with_unset_fields,
 )
 from crosspool_sgl.managers.scheduler_process import SchedulerServer
 from crosspool_sgl.runtime import build_runtime
@@ -45,8 +47,23 @@ def server(tiny_models, tmp_path_factory):
     srv.context.destroy(linger=0)
 
 
-def msg(rid: str, model: str = "llama", ids=(5, 6, 7), **sp) -> TokenizedGenerateReqInput:
-    return TokenizedGenerateReqInput(rid, model, list(ids), {"max_new_tokens": 4, "temperature": 0, **sp})
+def msg(
+    rid: str, model: str = "llama", ids=(5, 6, 7), sp=None, **params
+) -> MultiModelTokenizedGenerateReqInput:
+    """SGLang's request as a sender that skipped our validation could send it (nothing checked)."""
+    if sp is None:
+        sp = SamplingParams(**{"max_new_tokens": 4, "temperature": 0, **params})
+    return with_unset_fields(
+        MultiModelTokenizedGenerateReqInput,
+        rid=rid,
+        model=model,
+        input_ids=list(ids),
+        sampling_params=sp,
+        return_logprob=False,
+        logprob_start_len=-1,
+        top_logprobs_num=0,
+        stream=False,
+    )
 
 
 def run_until_idle(srv: SchedulerServer, limit: int = 200) -> None:
@@ -60,12 +77,15 @@ def run_until_idle(srv: SchedulerServer, limit: int = 200) -> None:
 @pytest.mark.parametrize(
     ("bad", "status"),
     [
-        (msg("seed-abc", seed="abc"), 400),  # the tokenizer side validates; the scheduler must not trust it
-        (msg("seed-huge", seed=2**70), 400),
-        (msg("top-k-float", top_k=2.5), 400),
+        (
+            msg("seed-abc", sampling_seed="abc"),
+            400,
+        ),  # the tokenizer side validates; the scheduler must not trust it
+        (msg("seed-huge", sampling_seed=2**70), 400),
+        (msg("top-k-float", top_k=2.5, temperature=0.7), 400),  # greedy would set SGLang's top_k to 1
         (msg("ids-str", ids=("a", "b")), 400),
         (msg("unknown-model", model="ghost"), 400),
-        (TokenizedGenerateReqInput("params-list", "llama", [5], [1, 2]), 400),  # type: ignore[arg-type]
+        (msg("params-list", ids=[5], sp=[1, 2]), 400),
     ],
 )
 def test_bad_admission_fails_that_request_only(server, bad, status):

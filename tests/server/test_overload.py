@@ -21,7 +21,7 @@ class _FakeSender:
     def __init__(self) -> None:
         self.sent: list = []
 
-    def send_pyobj(self, obj) -> None:
+    def send_pyobj(self, obj, **kwargs) -> None:  # SGLang's sock_send (pickle, its default)
         self.sent.append(obj)
 
 
