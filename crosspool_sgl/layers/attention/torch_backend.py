@@ -96,9 +96,9 @@ class TorchAttentionBackend(AttentionBackend):
         the same for every layer, so built once per step."""
         cached = meta.step_cache.get("kv_write")
         if cached is None:
-            num = meta.write_pages.shape[0]
-            planes = torch.arange(2, device=meta.write_pages.device).repeat_interleave(num)
-            cached = meta.write_pages.repeat(2), planes, meta.write_slots.repeat(2)
+            pages, slots = meta.write_pages, meta.write_slots
+            planes = (torch.arange(2 * pages.shape[0], device=pages.device) >= pages.shape[0]).long()
+            cached = torch.cat((pages, pages)), planes, torch.cat((slots, slots))
             meta.step_cache["kv_write"] = cached
         return cached
 
