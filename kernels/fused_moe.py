@@ -567,22 +567,25 @@ def fused_moe_torch(
     if slots.max() >= tables[0].shape[0]:
         raise IndexError(f"topk_ids outside [0, {tables[0].shape[0]}): max {int(slots.max())}")
     hidden_t, inter_t, bias_t, kind_t = (t[slots] for t in tables[2:6])
-    keys, inverse = torch.unique(class_keys(hidden_t, inter_t, kind_t, bias_t), return_inverse=True)
+    keys, inverse, counts = torch.unique(
+        class_keys(hidden_t, inter_t, kind_t, bias_t), return_inverse=True, return_counts=True
+    )
+    if len(keys) > 1:  # pairs sorted by class (stable), so each class is a slice of them
+        order = torch.argsort(inverse, stable=True)
+        tokens, slots, weights = tokens[order], slots[order], weights[order]
     gather_tables = (tables[0], tables[1], tables[4], tables[6], tables[7])
-    for c, key in enumerate(keys.tolist()):
+    start = 0
+    for key, count in zip(keys.tolist(), counts.tolist(), strict=True):
         shape = decode_key(key)
         hidden, inter = shape[0], shape[1]
-        if len(keys) == 1:
-            sel = torch.arange(len(slots), device=slots.device)  # [n] pairs of this class
-        else:
-            sel = (inverse == c).nonzero().squeeze(1)
+        tok, cls_slots, cls_weights = (t[start : start + count] for t in (tokens, slots, weights))  # [n]
+        start += count
         per_pair = 3 * inter * hidden
-        if per_pair > moe_gather.GATHER_PAIR_MAX or sel.numel() * per_pair > moe_gather.GATHER_BUDGET:
-            _per_slot_loop(hidden_states, acc, tokens[sel], slots[sel], weights[sel], arena, tables)
+        if per_pair > moe_gather.GATHER_PAIR_MAX or count * per_pair > moe_gather.GATHER_BUDGET:
+            _per_slot_loop(hidden_states, acc, tok, cls_slots, cls_weights, arena, tables)
             continue
-        tok = tokens[sel]
-        down = class_ffn(hidden_states[tok, :hidden], slots[sel], arena, gather_tables, shape)  # [n, H]
-        down = down.to(torch.float32) * weights[sel, None]
+        down = class_ffn(hidden_states[tok, :hidden], cls_slots, arena, gather_tables, shape)  # [n, H]
+        down = down.to(torch.float32) * cls_weights[:, None]
         acc.index_add_(0, tok, down if hidden == width else F.pad(down, (0, width - hidden)))
     return acc.to(hidden_states.dtype)
 

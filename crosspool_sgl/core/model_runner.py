@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from crosspool_sgl.core.req import Req
-from crosspool_sgl.core.sampling_batch import SamplingState, process_logits
+from crosspool_sgl.core.sampling_batch import SamplingState, needs_processing, process_logits
 from crosspool_sgl.core.static_decode import DecodeRow, StaticDecodeRunner
 from crosspool_sgl.layers.attention.base import AttentionMetadata
 from crosspool_sgl.layers.sampler import SamplingRow, sample, token_logprobs
@@ -41,20 +41,45 @@ def pack_batch(
     group: list[tuple[Req, int]], page_tokens: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """One model's share of a step as packed token ids [T], positions [T] and attention metadata."""
-    ids: list[int] = []
-    positions: list[int] = []
-    for req, n in group:
-        ids += req.fill_ids[req.num_cached : req.num_cached + n]
-        positions += range(req.num_cached, req.num_cached + n)
-    meta = AttentionMetadata.build(
-        [r.pages for r, _ in group],
-        [r.num_cached + n for r, n in group],
-        [n for _, n in group],
+    return pack_batches([group], page_tokens, device)[0]
+
+
+def pack_batches(
+    groups: list[list[tuple[Req, int]]], page_tokens: int, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor, AttentionMetadata]]:
+    """`pack_batch` of every model's group of a step, in one pass: the ids and positions of all
+    groups are one tensor (views per group) and the metadata comes from `AttentionMetadata.build_many`."""
+    ints: list[int] = []  # per group: ids [T], then positions [T]
+    sizes: list[int] = []
+    for group in groups:
+        positions: list[int] = []
+        for req, n in group:
+            ints += req.fill_ids[req.num_cached : req.num_cached + n]
+            positions += range(req.num_cached, req.num_cached + n)
+        ints += positions
+        sizes.append(len(positions))
+    metas = AttentionMetadata.build_many(
+        [([r.pages for r, _ in g], [r.num_cached + n for r, n in g], [n for _, n in g]) for g in groups],
         page_tokens,
         device,
     )
-    as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
-    return as_tensor(ids), as_tensor(positions), meta
+    packed = torch.tensor(ints, dtype=torch.int64).to(device)
+    out, start = [], 0
+    for t, meta in zip(sizes, metas, strict=True):
+        out.append((packed[start : start + t], packed[start + t : start + 2 * t], meta))
+        start += 2 * t
+    return out
+
+
+def _plain_greedy(group: list[tuple[Req, int]]) -> bool:
+    """Every row is one decode token that samples greedily: no logprobs, no logit processing."""
+    return not needs_processing([r for r, _ in group]) and all(
+        n == 1
+        and req.num_cached + 1 == len(req.input_ids) + len(req.output_ids)
+        and not req.return_logprob
+        and (req.params.temperature == 0.0 or req.params.top_k == 1)
+        for req, n in group
+    )
 
 
 class ModelRunner:
@@ -95,8 +120,30 @@ class ModelRunner:
             for model, group in by_model.items():
                 results.update(self._run_model(self.models[model], group))
             return results
-        for (model, group), h in zip(by_model.items(), hiddens, strict=True):
-            results.update(self._logits_and_sample(self.models[model], group, h))
+        parts = [(self.models[m], group, h) for (m, group), h in zip(by_model.items(), hiddens, strict=True)]
+        return self._sample_all(parts)
+
+    def _sample_all(self, parts: list[tuple[DecoderModel, list[tuple[Req, int]], torch.Tensor]]):
+        """Logits and sampling of every model's share (model, group, hidden states).
+
+        A share of plain greedy decode rows (`_plain_greedy`) needs only its logits' argmax, the
+        same op for every model: those shares are argmaxed together, one call per vocabulary size.
+        The others sample per model (`_logits_and_sample`).
+        """
+        results: dict[str, StepResult] = {}
+        plain: dict[int, list[tuple[list[Req], torch.Tensor]]] = {}  # V -> (requests, logits [B, V])
+        for model, group, hidden in parts:
+            if not _plain_greedy(group):
+                results.update(self._logits_and_sample(model, group, hidden))
+                continue
+            logits = model.logits(hidden)  # one row per request, each sampling
+            plain.setdefault(logits.shape[1], []).append(([r for r, _ in group], logits))
+        for shares in plain.values():
+            logits = torch.cat([x for _, x in shares]) if len(shares) > 1 else shares[0][1]
+            tokens = torch.argmax(logits, dim=-1).tolist()  # as `sample` does for greedy rows
+            reqs = [r for share, _ in shares for r in share]
+            for req, token in zip(reqs, tokens, strict=True):
+                results[req.rid] = StepResult(next_token=token)
         return results
 
     def _run_static_decode(
@@ -120,11 +167,11 @@ class ModelRunner:
 
     def _forward_lockstep(self, by_model: dict[str, list[tuple[Req, int]]]) -> list[torch.Tensor]:
         """Final hidden states [T, H] of each model's group (in order), one FFN call per layer index."""
-        slices = []
-        for model, group in by_model.items():
-            ids, positions, meta = pack_batch(group, self.kv_pool.page_tokens, self.device)
-            kv = self.kv_pool.kv_view(model)
-            slices.append(ModelSlice.embed(self.models[model], ids, positions, meta, kv))
+        packed = pack_batches(list(by_model.values()), self.kv_pool.page_tokens, self.device)
+        slices = [
+            ModelSlice.embed(self.models[model], *inputs, self.kv_pool.kv_view(model))
+            for model, inputs in zip(by_model, packed, strict=True)
+        ]
         return lockstep_forward(slices)
 
     def _run_model(self, model: DecoderModel, group: list[tuple[Req, int]]) -> dict[str, StepResult]:

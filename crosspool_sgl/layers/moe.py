@@ -60,7 +60,9 @@ def route(
         weights = torch.softmax(top, dim=-1)
     else:
         raise ValueError(f"unknown router kind {cfg.kind!r}")
-    return (weights * cfg.scaling_factor).to(router_logits.dtype), ids
+    if cfg.scaling_factor != 1.0:
+        weights = weights * cfg.scaling_factor
+    return weights.to(router_logits.dtype), ids
 
 
 def _group_mask(group_scores: torch.Tensor, cfg: RouterConfig, num_experts: int) -> torch.Tensor:
@@ -83,6 +85,10 @@ def run_ffn(
             kwargs = {**kwargs, "max_inter": t.max_inter}
     else:
         from kernels.fused_moe import fused_moe_torch as impl
+
+        # The pool's bias/activation tables even when every slot is plain: the same result, and the
+        # torch path then builds no default tables per call.
+        kwargs = {k: getattr(t, k) for k in ("bias_offset", "act_kind", "act_alpha", "act_limit")}
     return impl(
         x, slot_ids, slot_weights, pool.arena, t.w13_offset, t.w2_offset, t.hidden_size, t.inter_size,
         **kwargs,

@@ -87,28 +87,40 @@ class RotaryEmbedding:
     ) -> None:
         inv_freq, self.attention_factor = rope_inv_freq(rope, rotary_dim)
         self.inv_freq = inv_freq.to(device)
+        self._inv_freq2 = torch.cat((self.inv_freq, self.inv_freq))  # [R]
         self.rotary_dim = rotary_dim
         self.interleaved = interleaved
+        half = rotary_dim // 2  # [-1] * half + [1] * half: the sign rotate_half gives each half
+        self._half_signs = torch.cat((-torch.ones(half), torch.ones(half))).to(device)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, R/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [T, R]
-        return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
+        # [T, R]: positions times [inv_freq, inv_freq], the same products as Hugging Face's cat((f, f))
+        emb = positions.float()[:, None] * self._inv_freq2[None, :]
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return cos.to(dtype), sin.to(dtype)
 
     def __call__(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cache: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotated (q, k). `cache` (the step's `AttentionMetadata.step_cache`) keeps cos/sin for the
         other layers of the forward: the positions are the same in every layer."""
-        key = ("rope", id(self), q.dtype)
-        cos_sin = None if cache is None else cache.get(key)
-        if cos_sin is None:
-            cos, sin = self.cos_sin(positions, q.dtype)
-            cos_sin = cos[:, None, :], sin[:, None, :]  # [T, 1, R]
+        return self.rotate(positions, q, cache), self.rotate(positions, k, cache)
+
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """x [T, H, D] rotated. q and k stacked along the heads rotate in one call (the decoder
+        does): a decode step is bound by the number of small ops, not their size."""
+        key = ("rope", id(self), x.dtype)
+        tables = None if cache is None else cache.get(key)
+        if tables is None:
+            cos, sin = self.cos_sin(positions, x.dtype)
+            if not self.interleaved:  # rotate_half(x) * sin == halves-swapped(x) * [-sin1, sin2]
+                sin = sin * self._half_signs.to(sin.dtype)
+            tables = cos[:, None, :], sin[:, None, :]  # [T, 1, R]
             if cache is not None:
-                cache[key] = cos_sin
-        cos, sin = cos_sin
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+                cache[key] = tables
+        return self._rotate(x, *tables)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         r = self.rotary_dim
@@ -118,11 +130,7 @@ class RotaryEmbedding:
             c, s = cos[..., :half], sin[..., :half]
             even, odd = rot[..., 0::2], rot[..., 1::2]
             out = torch.cat((even * c - odd * s, odd * c + even * s), dim=-1)
-        else:
-            out = rot * cos + _rotate_half(rot) * sin
+        else:  # Llama style, `rot * cos + rotate_half(rot) * sin` bit for bit (negation is exact)
+            swapped = rot.unflatten(-1, (2, r // 2)).flip(-2).flatten(-2)  # [x2, x1]
+            out = rot * cos + swapped * sin  # sin: the signed table of `rotate`
         return out if rest is None else torch.cat((out, rest), dim=-1)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -46,6 +46,8 @@ class LayerWeights:
     correction_bias: torch.Tensor | None = None  # [E] e_score_correction_bias (DeepSeek-V3, GLM-4)
     sinks: torch.Tensor | None = None  # [Hq] fp32 (gpt-oss)
     mla: MLAWeights | None = None
+    # [Hq + Hkv, D]: q_norm per q head, then k_norm per KV head; built by DecoderModel (Qwen3)
+    qk_norm_heads: torch.Tensor | None = None
 
 
 @dataclass
@@ -76,6 +78,14 @@ class DecoderModel:
         rotary_dim = config.rotary_dim or config.head_dim
         self.rotary = RotaryEmbedding(config.rope, rotary_dim, device, config.rope_interleaved)
         self.scale = config.attn_scale or config.head_dim**-0.5
+        self.norm_pairs = [_pair_norms(lw) for lw in weights.layers]  # per layer [2, 1, H]
+        if config.qk_norm == "per_head":  # q and k are normalised as one [T, Hq + Hkv, D] tensor
+            for lw in weights.layers:
+                q_rows, k_rows = (
+                    lw.q_norm.expand(config.num_heads, -1),
+                    lw.k_norm.expand(config.num_kv_heads, -1),
+                )
+                lw.qk_norm_heads = torch.cat([q_rows, k_rows])
 
     @torch.inference_mode()
     def forward(
@@ -108,19 +118,22 @@ class DecoderModel:
         if lw.mla is not None:
             return F.linear(mla_attention(self, i, lw.mla, x, positions, meta, kv), lw.o_weight, lw.o_bias)
         qkv = F.linear(x, lw.qkv_weight, lw.qkv_bias)
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        if cfg.qk_norm == "full":  # OLMoE: one norm over all heads
-            q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
-        if cfg.clip_qkv is not None:
-            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
-        q = q.reshape(-1, cfg.num_heads, cfg.head_dim)
-        k = k.reshape(-1, cfg.num_kv_heads, cfg.head_dim)
-        v = v.reshape(-1, cfg.num_kv_heads, cfg.head_dim)
+        heads, qk_size = cfg.num_heads + cfg.num_kv_heads, cfg.q_size + cfg.kv_size
+        if cfg.qk_norm == "full" or cfg.clip_qkv is not None:
+            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            if cfg.qk_norm == "full":  # OLMoE: one norm over all heads
+                q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
+                k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
+            if cfg.clip_qkv is not None:
+                q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+            qk = torch.cat((q, k), dim=-1).view(-1, heads, cfg.head_dim)
+        else:  # q and k side by side in qkv: one view, normalised and rotated as one tensor
+            qk, v = qkv[:, :qk_size].view(-1, heads, cfg.head_dim), qkv[:, qk_size:]  # [T, Hq + Hkv, D]
         if cfg.qk_norm == "per_head":  # Qwen3: norm over each head's dim
-            q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
-        q, k = self.rotary(positions, q, k, meta.step_cache)
+            qk = rms_norm(qk, lw.qk_norm_heads, cfg.rms_norm_eps)
+        qk = self.rotary.rotate(positions, qk, meta.step_cache)
+        q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
+        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
         out = self.attn_backend.forward(
             q, k, v, kv, i, meta, self.scale, cfg.sliding_windows[i], sinks=lw.sinks
         )  # [T, Hq, D]
@@ -153,3 +166,12 @@ class DecoderModel:
     def ffn(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         slots, weights = self.ffn_routing(lw, x)
         return run_ffn(self.weight_pool, x, slots, weights)
+
+
+def _pair_norms(lw: LayerWeights) -> torch.Tensor:
+    """The layer's input and post-attention norm weights stacked [2, 1, H]; the layer keeps views of
+    them, so they stay one tensor each. The lockstep forward normalises rows of several models at
+    once and gathers each row's weights from these pairs (models/lockstep.py)."""
+    pair = torch.stack((lw.input_norm, lw.post_norm))[:, None, :]
+    lw.input_norm, lw.post_norm = pair[0, 0], pair[1, 0]
+    return pair

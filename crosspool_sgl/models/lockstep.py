@@ -9,14 +9,21 @@ instead walk their layers together::
         each model routes its FFN input with its own router: global weights-pool slot ids
         ONE FFN call over the concatenated rows: hidden widths padded to Hmax, slot lists to
             Kmax with slot -1 / weight 0 (padding in the kernel contract, see kernels/fused_moe.py)
-        split the output back by rows, add each model's first H columns to its residual
+        add the output to the residual rows
 
-Embedding, final norm, logits and sampling stay per model (the model runner's job). With one
-model the FFN call gets that model's tensors untouched: the same call as `DecoderModel.forward`.
-The FFN is a callable so the disaggregated pipeline can send the combined rows to its
-workers instead (crosspool_sgl/disagg/pipeline.py drives `LockstepBatch` layer by layer).
+Models of one hidden size share one *residual stream*: their rows stacked, deepest model first,
+so the models that still have layer i own a prefix of the rows. What is the same op for every
+model runs once per stream and layer instead of once per model: the input and post-attention
+RMSNorms (each row with its own model's weight and eps), both residual adds, the final norm,
+and the FFN input needs no concatenation. Only what reads a model's own weights or KV runs per
+model: q/k/v and o projections, q/k norms, rotary, paged attention, the router. The results are
+bit-identical to `DecoderModel.forward` (same formula per row; tests/models/test_lockstep.py).
 
-Legend: T = tokens of one model, R = rows of the combined call (sum of T), H = one model's
+Embedding, logits and sampling stay per model (the model runner's job). The FFN is a callable so
+the disaggregated pipeline can send the combined rows to its workers instead
+(crosspool_sgl/disagg/pipeline.py drives `LockstepBatch` layer by layer).
+
+Legend: T = tokens of one model, R = rows of a stream or of the combined call, H = one model's
 hidden size, Hmax = the widest H of the step, K = slots per token of one model, Kmax = widest K.
 """
 
@@ -30,7 +37,7 @@ import torch.nn.functional as F
 
 from crosspool_sgl.layers import moe
 from crosspool_sgl.layers.attention.base import AttentionMetadata
-from crosspool_sgl.layers.norm import rms_norm
+from crosspool_sgl.layers.norm import rms_norm_rows
 from crosspool_sgl.models.decoder import DecoderModel
 
 FFNFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # x, slots, weights -> out
@@ -44,7 +51,7 @@ class ModelSlice:
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
     kv: torch.Tensor  # the model's view of the KV pool
-    h: torch.Tensor  # [T, H] residual stream; the final-normed hidden states once done
+    h: torch.Tensor  # [T, H] the embedded tokens; the final-normed hidden states once the batch is done
 
     @classmethod
     def embed(cls, model: DecoderModel, ids: torch.Tensor, positions, meta, kv) -> ModelSlice:
@@ -62,6 +69,28 @@ class FFNBatch:
     weights: torch.Tensor  # [R, Kmax], 0 for padding
 
 
+class ResidualStream:
+    """The stacked residual rows of the slices of one hidden size, deepest model first."""
+
+    def __init__(self, slices: list[ModelSlice], members: list[int]) -> None:
+        self.members = sorted(members, key=lambda j: -slices[j].model.config.num_layers)  # stable
+        self.bounds: list[tuple[int, int]] = []  # rows [start, end) of each member
+        eps: list[float] = []
+        for j in self.members:
+            rows = slices[j].h.shape[0]
+            start = self.bounds[-1][1] if self.bounds else 0
+            self.bounds.append((start, start + rows))
+            eps += [slices[j].model.config.rms_norm_eps] * rows
+        self.layers = [slices[j].model.config.num_layers for j in self.members]
+        first = slices[self.members[0]].h  # one member: its embedding is the stream (updated in place)
+        self.h = torch.cat([slices[j].h for j in self.members]) if len(self.members) > 1 else first
+        self.eps = torch.tensor(eps, dtype=torch.float32, device=first.device)[:, None]  # [R, 1]
+
+    def num_live(self, layer: int) -> int:
+        """Members that have layer `layer` (a prefix: members are sorted by depth)."""
+        return sum(1 for n in self.layers if n > layer)
+
+
 class LockstepBatch:
     """Drives a list of model slices through their layers, one layer index at a time."""
 
@@ -69,47 +98,88 @@ class LockstepBatch:
         self.slices = slices
         self.num_layers = max((s.model.config.num_layers for s in slices), default=0)
         self._planned: dict[int, AttentionMetadata] = {}  # backend id -> the metadata it was planned for
+        by_width: dict[int, list[int]] = {}
+        for j, s in enumerate(slices):
+            by_width.setdefault(s.h.shape[1], []).append(j)
+        self.streams = [ResidualStream(slices, members) for members in by_width.values()]
+        self._live_rows: list[int] = []  # per stream: rows that ran the current layer
 
     def attention_and_route(self, layer: int) -> FFNBatch:
         """Layer `layer`'s attention half of every slice that has it, then the combined FFN input."""
-        live = [j for j, s in enumerate(self.slices) if layer < s.model.config.num_layers]
+        live: list[int] = []
         xs, slots, weights = [], [], []
-        for j in live:
-            s = self.slices[j]
-            self._plan(s)
-            s.h, x = s.model.attention_half(layer, s.h, s.positions, s.meta, s.kv)
-            ids, w = s.model.ffn_routing(s.model.weights.layers[layer], x)
-            xs.append(x)
-            slots.append(ids)
-            weights.append(w)
-        if len(live) == 1:
-            return FFNBatch(layer, live, xs[0], slots[0], weights[0])
+        self._live_rows = []
+        for st in self.streams:
+            n = st.num_live(layer)
+            self._live_rows.append(st.bounds[n - 1][1] if n else 0)
+            if n:
+                live += st.members[:n]
+                xs.append(self._attention_half(st, n, layer, slots, weights))
         width = max(x.shape[1] for x in xs)
+        x = xs[0] if len(xs) == 1 else torch.cat([F.pad(x, (0, width - x.shape[1])) for x in xs])
         k = max(ids.shape[1] for ids in slots)
+        if len(slots) == 1:
+            return FFNBatch(layer, live, x, slots[0], weights[0])
         return FFNBatch(
             layer,
             live,
-            torch.cat([F.pad(x, (0, width - x.shape[1])) for x in xs]),
-            torch.cat([F.pad(ids.long(), (0, k - ids.shape[1]), value=-1) for ids in slots]),
-            torch.cat([F.pad(w, (0, k - w.shape[1])) for w in weights]),
+            x,
+            torch.cat([_pad_cols(ids.long(), k, -1) for ids in slots]),
+            torch.cat([_pad_cols(w, k, 0) for w in weights]),
         )
 
-    def add_ffn(self, batch: FFNBatch, out: torch.Tensor) -> None:
-        """out [R, Hmax] -> each slice's rows and first H columns added to its residual."""
-        start = 0
-        for j in batch.slices:
+    def _attention_half(self, st: ResidualStream, n: int, layer: int, slots: list, weights: list):
+        """Attention of the stream's first n members (in place on its residual rows), their routes
+        appended to slots/weights; returns the FFN input [R, H] of those rows."""
+        members, bounds = st.members[:n], st.bounds[:n]
+        rows = bounds[-1][1]
+        h, eps = st.h[:rows], st.eps[:rows]
+        norms = self._norm_weights(members, bounds, layer)  # [2, R, H]
+        x = rms_norm_rows(h, norms[0], eps)
+        outs = []
+        for j, (a, b) in zip(members, bounds, strict=True):
             s = self.slices[j]
-            rows, hidden = s.h.shape
-            part = out[start : start + rows]
-            s.h = s.h + (part if part.shape[1] == hidden else part[:, :hidden])
-            start += rows
+            self._plan(s)
+            lw = s.model.weights.layers[layer]
+            outs.append(s.model.attention(layer, lw, x[a:b], s.positions, s.meta, s.kv))
+        h += torch.cat(outs) if n > 1 else outs[0]
+        x = rms_norm_rows(h, norms[1], eps)
+        for j, (a, b) in zip(members, bounds, strict=True):
+            model = self.slices[j].model
+            ids, w = model.ffn_routing(model.weights.layers[layer], x[a:b])
+            slots.append(ids)
+            weights.append(w)
+        return x
+
+    def _norm_weights(self, members: list[int], bounds, layer: int) -> torch.Tensor:
+        """Each row's input and post-attention norm weights [2, R, H] (views when one row each)."""
+        pairs = []
+        for j, (a, b) in zip(members, bounds, strict=True):
+            pair = self.slices[j].model.norm_pairs[layer]  # [2, 1, H]
+            pairs.append(pair if b - a == 1 else pair.expand(2, b - a, pair.shape[2]))
+        return torch.cat(pairs, dim=1) if len(pairs) > 1 else pairs[0]
+
+    def add_ffn(self, batch: FFNBatch, out: torch.Tensor) -> None:
+        """out [R, Hmax] -> each stream's live rows and first H columns added to its residual."""
+        start = 0
+        for st, rows in zip(self.streams, self._live_rows, strict=True):
+            if rows:
+                part = out[start : start + rows]
+                st.h[:rows] += part if part.shape[1] == st.h.shape[1] else part[:, : st.h.shape[1]]
+                start += rows
         if batch.layer + 1 == self.num_layers:
             self.finish()
 
     def finish(self) -> None:
         """Final norm of every slice (each after its own last layer; all of them end here)."""
-        for s in self.slices:
-            s.h = rms_norm(s.h, s.model.weights.final_norm, s.model.config.rms_norm_eps)
+        for st in self.streams:
+            weights = []
+            for j, (a, b) in zip(st.members, st.bounds, strict=True):
+                w = self.slices[j].model.weights.final_norm
+                weights.append(w.expand(b - a, w.shape[0]))
+            out = rms_norm_rows(st.h, torch.cat(weights) if len(weights) > 1 else weights[0], st.eps)
+            for j, (a, b) in zip(st.members, st.bounds, strict=True):
+                self.slices[j].h = out[a:b]
 
     def _plan(self, s: ModelSlice) -> None:
         """init_forward when the slice's backend was last planned for other metadata: backends are
@@ -118,6 +188,10 @@ class LockstepBatch:
         if self._planned.get(id(backend)) is not s.meta:
             backend.init_forward(s.meta)
             self._planned[id(backend)] = s.meta
+
+
+def _pad_cols(x: torch.Tensor, width: int, value: float) -> torch.Tensor:
+    return x if x.shape[1] == width else F.pad(x, (0, width - x.shape[1]), value=value)
 
 
 def pool_ffn(slices: list[ModelSlice]) -> FFNFn:

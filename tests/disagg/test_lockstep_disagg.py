@@ -50,6 +50,7 @@ def test_lockstep_pipeline_equals_per_model_colocated(tiny_models, per_model_ref
     if micro_batches == 1:
         for layers, trace in steps:
             assert len(trace.calls) == max(layers.values()), (layers, trace.format())
-            assert trace.calls[0].model.split("+") == list(layers)  # every model in one request
+            # every model in one request (rows ordered by depth: models of one hidden size share a stream)
+            assert sorted(trace.calls[0].model.split("+")) == sorted(layers)
     else:
         assert any(len(trace.calls) < sum(layers.values()) for layers, trace in steps)

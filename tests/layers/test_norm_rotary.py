@@ -1,4 +1,4 @@
-"""The per-layer helpers the lockstep step leans on: fused RMSNorm and the per-step rope cache.
+"""The per-layer helpers the lockstep step leans on: fused RMSNorm (also row by row), rotary and its cache.
 
 RMSNorm must equal the Hugging Face formula (fp32 statistics, weight applied last) exactly in
 fp32, the decoders' HF-parity dtype; the rope cache must give what an uncached call gives and
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crosspool_sgl.layers.norm import rms_norm
+from crosspool_sgl.layers.norm import rms_norm, rms_norm_rows
 from crosspool_sgl.layers.rotary import RotaryEmbedding
 from crosspool_sgl.models.config import RopeConfig
 
@@ -45,3 +45,35 @@ def test_rope_cache_gives_the_uncached_result_and_is_per_step(interleaved: bool)
     assert all(torch.equal(g, w) for g, w in zip(got_b, want_b, strict=True))
     assert not torch.equal(want_a[0], want_b[0])
     assert len(step_a) == 1
+
+
+def test_rms_norm_rows_is_rms_norm_row_by_row() -> None:
+    """Rows of two models (own weights and eps) in one call equal each model's own rms_norm."""
+    torch.manual_seed(2)
+    x = torch.randn(5, 64) * 3
+    w_a, w_b = torch.randn(64), torch.randn(64)
+    weight = torch.cat([w_a.expand(2, 64), w_b.expand(3, 64)])
+    eps = torch.tensor([1e-6, 1e-6, 1e-5, 1e-5, 1e-5])[:, None]
+    want = torch.cat([rms_norm(x[:2], w_a, 1e-6), rms_norm(x[2:], w_b, 1e-5)])
+    assert torch.equal(rms_norm_rows(x, weight, eps), want)
+
+
+def hf_rotate(q: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb with its cos/sin: cat((f, f)) and rotate_half by cat."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
+    half = q.shape[-1] // 2
+    return q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
+
+
+@pytest.mark.parametrize("head_dim", [16, 32])
+def test_rotate_is_the_hf_rotate_half_bit_for_bit(head_dim: int) -> None:
+    """The flip with a signed sin table, on q and k stacked along the heads, is HF's formula exactly."""
+    torch.manual_seed(3)
+    rope = RotaryEmbedding(RopeConfig(theta=1e6), head_dim, torch.device("cpu"))
+    positions = torch.tensor([0, 7, 300, 4095])
+    qk = torch.randn(4, 6, head_dim) * 2
+    assert torch.equal(rope.rotate(positions, qk), hf_rotate(qk, positions, rope.inv_freq))
+    q, k = rope(positions, qk[:, :4], qk[:, 4:], {})
+    assert torch.equal(torch.cat((q, k), dim=1), hf_rotate(qk, positions, rope.inv_freq))

@@ -44,25 +44,53 @@ class AttentionMetadata:
     def build(
         cls, pages: list[list[int]], seq_lens: list[int], extend_lens: list[int], page_tokens: int, device
     ) -> AttentionMetadata:
-        max_pages = max(len(p) for p in pages)
-        table = torch.zeros(len(pages), max_pages, dtype=torch.int32)
-        write_pages: list[int] = []
-        write_slots: list[int] = []
-        for i, (p, total, new) in enumerate(zip(pages, seq_lens, extend_lens, strict=True)):
-            table[i, : len(p)] = torch.tensor(p, dtype=torch.int32)
-            for pos in range(total - new, total):
-                write_pages.append(p[pos // page_tokens])
-                write_slots.append(pos % page_tokens)
-        return cls(
-            page_table=table.to(device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            extend_lens=torch.tensor(extend_lens, dtype=torch.int32, device=device),
-            write_pages=torch.tensor(write_pages, dtype=torch.int64, device=device),
-            write_slots=torch.tensor(write_slots, dtype=torch.int64, device=device),
-            seq_lens_cpu=list(seq_lens),
-            extend_lens_cpu=list(extend_lens),
-            page_tokens=page_tokens,
-        )
+        return cls.build_many([(pages, seq_lens, extend_lens)], page_tokens, device)[0]
+
+    @classmethod
+    def build_many(
+        cls, batches: list[tuple[list[list[int]], list[int], list[int]]], page_tokens: int, device
+    ) -> list[AttentionMetadata]:
+        """Metadata of several batches (pages, seq_lens, extend_lens) — one per model of a step.
+
+        Every batch's tensors are views of two host tensors (int32, int64) moved to the device
+        once: a step of M models costs two tensor builds, not five per model.
+        """
+        ints32: list[int] = []  # per batch: page table [B, max_pages] (row-major), seq_lens, extend_lens
+        ints64: list[int] = []  # per batch: write_pages, write_slots
+        layout = []
+        for pages, seq_lens, extend_lens in batches:
+            max_pages = max(len(p) for p in pages)
+            at32, at64 = len(ints32), len(ints64)
+            for p in pages:
+                ints32 += p
+                ints32 += [0] * (max_pages - len(p))
+            ints32 += seq_lens
+            ints32 += extend_lens
+            write_slots: list[int] = []
+            for p, total, new in zip(pages, seq_lens, extend_lens, strict=True):
+                for pos in range(total - new, total):
+                    ints64.append(p[pos // page_tokens])
+                    write_slots.append(pos % page_tokens)
+            ints64 += write_slots
+            layout.append((at32, at64, len(pages), max_pages, len(write_slots)))
+        t32 = torch.tensor(ints32, dtype=torch.int32).to(device)
+        t64 = torch.tensor(ints64, dtype=torch.int64).to(device)
+        metas = []
+        for (_, seq_lens, extend_lens), (at32, at64, b, width, t) in zip(batches, layout, strict=True):
+            lens = at32 + b * width
+            metas.append(
+                cls(
+                    page_table=t32[at32:lens].view(b, width),
+                    seq_lens=t32[lens : lens + b],
+                    extend_lens=t32[lens + b : lens + 2 * b],
+                    write_pages=t64[at64 : at64 + t],
+                    write_slots=t64[at64 + t : at64 + 2 * t],
+                    seq_lens_cpu=list(seq_lens),
+                    extend_lens_cpu=list(extend_lens),
+                    page_tokens=page_tokens,
+                )
+            )
+        return metas
 
 
 class AttentionBackend(ABC):
@@ -103,9 +131,14 @@ class AttentionBackend(ABC):
 
 
 def kv_planes(kv: torch.Tensor, pages: torch.Tensor, layer: int, value_dim: int | None):
-    """Gathered (keys, values) [*pages.shape, PT, Hkv, D|Dv] of `pages` (values: a view for MLA)."""
-    keys = kv[pages, layer, 0]
+    """Gathered (keys, values) [*pages.shape, PT, Hkv, D|Dv] of `pages` (values: a view for MLA).
+
+    One `index_select` per plane on the layer's [N, PT, Hkv, D] view: 1.4-3.4x faster on CPU than
+    `kv[pages, layer, plane]` (advanced indexing) for 1-8 decode rows, and a contiguous result."""
+    at = kv.select(1, layer)  # [N, P, PT, Hkv, D]
+    rows, shape = pages.reshape(-1), (*pages.shape, *at.shape[2:])
+    keys = at.select(1, 0).index_select(0, rows).view(shape)
     if kv.shape[2] == 1:  # one latent plane: the values are its first value_dim columns
         assert value_dim is not None, "a one-plane (MLA) KV view needs value_dim"
         return keys, keys[..., :value_dim]
-    return keys, kv[pages, layer, 1]
+    return keys, at.select(1, 1).index_select(0, rows).view(shape)

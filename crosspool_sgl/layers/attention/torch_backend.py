@@ -53,7 +53,11 @@ class TorchAttentionBackend(AttentionBackend):
     def forward(
         self, q, k, v, kv, layer, meta, scale, sliding_window, sinks=None, value_dim=None
     ) -> torch.Tensor:
-        self.write_kv(kv, layer, meta, k, v)
+        if v is None:
+            self.write_kv(kv, layer, meta, k, v)
+        else:  # K and V of the new tokens in one indexed write (a decode step is bound by op count)
+            to_pages, to_planes, to_slots = self._write_index(meta)
+            kv[to_pages, layer, to_planes, to_slots] = torch.cat((k, v))
         if meta.is_decode:
             return self._decode(q, kv, layer, meta, scale, sliding_window, sinks, value_dim)
         out = q.new_empty(*q.shape[:2], value_dim or q.shape[-1])  # [T, Hq, Dv]
@@ -77,7 +81,9 @@ class TorchAttentionBackend(AttentionBackend):
         return out
 
     def _decode(self, q, kv, layer, meta: AttentionMetadata, scale, sliding_window, sinks, value_dim):
-        pages, mask = self._decode_pages_and_mask(meta, sliding_window)
+        pages, mask, additive = self._decode_pages_and_mask(meta, sliding_window, q.dtype)
+        if sinks is None:  # SDPA turns a bool mask into this additive one on every call
+            mask = additive
         keys, values = kv_planes(kv, pages, layer, value_dim)
         keys, values = keys.flatten(1, 2), values.flatten(1, 2)  # [B, P*PT, Hkv, D|Dv]
         qh = q.unsqueeze(2)  # [B, Hq, 1, D]
@@ -85,10 +91,22 @@ class TorchAttentionBackend(AttentionBackend):
         return sdpa(qh, kh, vh, mask, scale, sinks).squeeze(2)
 
     @staticmethod
-    def _decode_pages_and_mask(meta: AttentionMetadata, sliding_window: int | None):
-        """Page ids [B, P] and mask [B, 1, 1, S] of a decode step: the same for every layer, so
-        built once per step and window and kept in `meta.step_cache`."""
-        key = ("decode", sliding_window)
+    def _write_index(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pages, planes, slots) [2T] each addressing the new tokens' K (plane 0) then V (plane 1);
+        the same for every layer, so built once per step."""
+        cached = meta.step_cache.get("kv_write")
+        if cached is None:
+            pages, slots = meta.write_pages, meta.write_slots
+            planes = (torch.arange(2 * pages.shape[0], device=pages.device) >= pages.shape[0]).long()
+            cached = torch.cat((pages, pages)), planes, torch.cat((slots, slots))
+            meta.step_cache["kv_write"] = cached
+        return cached
+
+    @staticmethod
+    def _decode_pages_and_mask(meta: AttentionMetadata, sliding_window: int | None, dtype: torch.dtype):
+        """Page ids [B, P], mask [B, 1, 1, S] and the same mask as 0 / -inf in `dtype` of a decode step:
+        the same for every layer, so built once per step and window and kept in `meta.step_cache`."""
+        key = ("decode", sliding_window, dtype)
         cached = meta.step_cache.get(key)
         if cached is not None:
             return cached
@@ -99,5 +117,7 @@ class TorchAttentionBackend(AttentionBackend):
         mask = k_pos[None, :] <= q_pos[:, None]  # [B, S]
         if sliding_window:
             mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
-        meta.step_cache[key] = pages, mask[:, None, None, :]
+        mask = mask[:, None, None, :]
+        additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        meta.step_cache[key] = pages, mask, additive
         return meta.step_cache[key]
