@@ -16,10 +16,26 @@ Legend: T = tokens, E = experts, G = expert groups, K = slots per token, H = hid
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Protocol
+
 import torch
 
-from crosspool_sgl.mem.weight_pool import WeightPool
 from crosspool_sgl.models.config import RouterConfig
+
+if TYPE_CHECKING:
+    from crosspool_sgl.mem.weight_pool import SlotTables
+
+
+class FFNWeights(Protocol):
+    """What an FFN call reads: one arena holding every FFN weight, and the slot tables indexing it.
+
+    The weights pool is one; the disaggregated FFN worker's pool and test doubles are others. The
+    layer depends on these two members only, not on how the pool places, evicts or pages in slots.
+    """
+
+    arena: torch.Tensor  # [N] every slot's weights, flat
+
+    def tables(self) -> SlotTables: ...
 
 
 def route_topk(
@@ -73,7 +89,7 @@ def _group_mask(group_scores: torch.Tensor, cfg: RouterConfig, num_experts: int)
 
 
 def run_ffn(
-    pool: WeightPool, x: torch.Tensor, slot_ids: torch.Tensor, slot_weights: torch.Tensor
+    pool: FFNWeights, x: torch.Tensor, slot_ids: torch.Tensor, slot_weights: torch.Tensor
 ) -> torch.Tensor:
     """x [T, H], slot_ids [T, K] (weights-pool slots), slot_weights [T, K] -> [T, H]."""
     t = pool.tables()

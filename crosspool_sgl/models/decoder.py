@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from crosspool_sgl.layers.attention.base import AttentionBackend, AttentionMetadata
-from crosspool_sgl.layers.moe import route, run_ffn
+from crosspool_sgl.layers.moe import FFNWeights, route, run_ffn
 from crosspool_sgl.layers.norm import rms_norm
 from crosspool_sgl.layers.rotary import RotaryEmbedding
-from crosspool_sgl.mem.weight_pool import WeightPool
 from crosspool_sgl.models.config import ModelConfig
 from crosspool_sgl.models.mla import MLAWeights, mla_attention
 
@@ -66,7 +65,7 @@ class DecoderModel:
         name: str,
         config: ModelConfig,
         weights: ModelWeights,
-        weight_pool: WeightPool,
+        weight_pool: FFNWeights,
         attn_backend: AttentionBackend,
         device: torch.device,
     ) -> None:
