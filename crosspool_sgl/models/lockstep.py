@@ -37,6 +37,8 @@ import torch.nn.functional as F
 
 from crosspool_sgl.layers import moe
 from crosspool_sgl.layers.attention.base import AttentionMetadata
+from crosspool_sgl.layers.attention.kv_write import SharedKVWrite, shares_arena
+from crosspool_sgl.layers.attention.torch_backend import TorchAttentionBackend
 from crosspool_sgl.layers.norm import rms_norm_rows
 from crosspool_sgl.models.decoder import DecoderModel
 
@@ -85,6 +87,7 @@ class ResidualStream:
         first = slices[self.members[0]].h  # one member: its embedding is the stream (updated in place)
         self.h = torch.cat([slices[j].h for j in self.members]) if len(self.members) > 1 else first
         self.eps = torch.tensor(eps, dtype=torch.float32, device=first.device)[:, None]  # [R, 1]
+        self.kv_write = _shared_kv_write([slices[j] for j in self.members], self.layers)
 
     def num_live(self, layer: int) -> int:
         """Members that have layer `layer` (a prefix: members are sorted by depth)."""
@@ -136,12 +139,7 @@ class LockstepBatch:
         h, eps = st.h[:rows], st.eps[:rows]
         norms = self._norm_weights(members, bounds, layer)  # [2, R, H]
         x = rms_norm_rows(h, norms[0], eps)
-        outs = []
-        for j, (a, b) in zip(members, bounds, strict=True):
-            s = self.slices[j]
-            self._plan(s)
-            lw = s.model.weights.layers[layer]
-            outs.append(s.model.attention(layer, lw, x[a:b], s.positions, s.meta, s.kv))
+        outs = self._attention(st, members, bounds, layer, x)
         h += torch.cat(outs) if n > 1 else outs[0]
         x = rms_norm_rows(h, norms[1], eps)
         for j, (a, b) in zip(members, bounds, strict=True):
@@ -150,6 +148,29 @@ class LockstepBatch:
             slots.append(ids)
             weights.append(w)
         return x
+
+    def _attention(self, st: ResidualStream, members: list[int], bounds, layer: int, x) -> list:
+        """Each member's attention output [T, H] of layer `layer` from its normed rows of x; with
+        the stream's shared K/V write, every member's K/V go into the arena in one indexed copy."""
+        if st.kv_write is None:
+            outs = []
+            for j, (a, b) in zip(members, bounds, strict=True):
+                s = self.slices[j]
+                self._plan(s)
+                lw = s.model.weights.layers[layer]
+                outs.append(s.model.attention(layer, lw, x[a:b], s.positions, s.meta, s.kv))
+            return outs
+        heads = []  # per member (q, k, v)
+        for j, (a, b) in zip(members, bounds, strict=True):
+            s = self.slices[j]
+            heads.append(s.model.qkv_heads(s.model.weights.layers[layer], x[a:b], s.positions, s.meta))
+        st.kv_write.write(layer, [k for _, k, _ in heads], [v for _, _, v in heads])
+        return [
+            self.slices[j].model.attend_written(
+                layer, self.slices[j].model.weights.layers[layer], q, self.slices[j].meta, self.slices[j].kv
+            )
+            for j, (q, _, _) in zip(members, heads, strict=True)
+        ]
 
     def _norm_weights(self, members: list[int], bounds, layer: int) -> torch.Tensor:
         """Each row's input and post-attention norm weights [2, R, H] (views when one row each)."""
@@ -188,6 +209,21 @@ class LockstepBatch:
         if self._planned.get(id(backend)) is not s.meta:
             backend.init_forward(s.meta)
             self._planned[id(backend)] = s.meta
+
+
+def _shared_kv_write(members: list[ModelSlice], layers: list[int]) -> SharedKVWrite | None:
+    """The stream's one-copy K/V write when two or more members attend with the torch backend
+    (which can attend after the write) on views of one arena; None: each member writes its own."""
+    if len(members) < 2 or not all(
+        type(s.model.attn_backend) is TorchAttentionBackend and s.model.weights.layers[0].mla is None
+        for s in members
+    ):
+        return None
+    kvs = [s.kv for s in members]
+    if not shares_arena(kvs):
+        return None
+    order = [[j for j, n in enumerate(layers) if n > i] for i in range(max(layers))]  # live prefixes
+    return SharedKVWrite(kvs, [s.meta for s in members], order)
 
 
 def _pad_cols(x: torch.Tensor, width: int, value: float) -> torch.Tensor:

@@ -58,6 +58,11 @@ class TorchAttentionBackend(AttentionBackend):
         else:  # K and V of the new tokens in one indexed write (a decode step is bound by op count)
             to_pages, to_planes, to_slots = self._write_index(meta)
             kv[to_pages, layer, to_planes, to_slots] = torch.cat((k, v))
+        return self.attend(q, kv, layer, meta, scale, sliding_window, sinks, value_dim)
+
+    def attend(self, q, kv, layer, meta, scale, sliding_window, sinks=None, value_dim=None) -> torch.Tensor:
+        """`forward` once the new tokens' K/V are in `kv` (the lockstep forward writes several
+        models' at once, layers/attention/kv_write.py)."""
         if meta.is_decode:
             return self._decode(q, kv, layer, meta, scale, sliding_window, sinks, value_dim)
         out = q.new_empty(*q.shape[:2], value_dim or q.shape[-1])  # [T, Hq, Dv]
