@@ -111,16 +111,20 @@ class RotaryEmbedding:
     def rotate(self, positions: torch.Tensor, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         """x [T, H, D] rotated. q and k stacked along the heads rotate in one call (the decoder
         does): a decode step is bound by the number of small ops, not their size."""
-        key = ("rope", id(self), x.dtype)
+        return self._rotate(x, *self.tables(positions, x.dtype, cache))
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype, cache: dict | None = None):
+        """cos, sin [T, 1, R] of `rotate` (sin signed for the halves swap unless interleaved)."""
+        key = ("rope", id(self), dtype)
         tables = None if cache is None else cache.get(key)
         if tables is None:
-            cos, sin = self.cos_sin(positions, x.dtype)
+            cos, sin = self.cos_sin(positions, dtype)
             if not self.interleaved:  # rotate_half(x) * sin == halves-swapped(x) * [-sin1, sin2]
                 sin = sin * self._half_signs.to(sin.dtype)
             tables = cos[:, None, :], sin[:, None, :]  # [T, 1, R]
             if cache is not None:
                 cache[key] = tables
-        return self._rotate(x, *tables)
+        return tables
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         r = self.rotary_dim
@@ -130,7 +134,14 @@ class RotaryEmbedding:
             c, s = cos[..., :half], sin[..., :half]
             even, odd = rot[..., 0::2], rot[..., 1::2]
             out = torch.cat((even * c - odd * s, odd * c + even * s), dim=-1)
-        else:  # Llama style, `rot * cos + rotate_half(rot) * sin` bit for bit (negation is exact)
-            swapped = rot.unflatten(-1, (2, r // 2)).flip(-2).flatten(-2)  # [x2, x1]
-            out = rot * cos + swapped * sin  # sin: the signed table of `rotate`
+        else:
+            out = rotate_halves(rot, cos, sin)
         return out if rest is None else torch.cat((out, rest), dim=-1)
+
+
+def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama-style rotation of x [..., R], `x * cos + rotate_half(x) * sin` bit for bit (negation is
+    exact; `sin` is the signed table of `RotaryEmbedding.tables`). Elementwise, so rows of several
+    models stacked with their own tables rotate in one call (models/lockstep.py)."""
+    swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)  # [x2, x1]
+    return x * cos + swapped * sin

@@ -131,6 +131,16 @@ class DecoderModel:
 
     def qkv_heads(self, lw: LayerWeights, x, positions, meta) -> tuple[torch.Tensor, ...]:
         """x [T, H] -> normalised, rotated q [T, Hq, D], k and v [T, Hkv, D] (not MLA)."""
+        qk, v = self.qk_v(lw, x)
+        return self.split_qk(self.rotary.rotate(positions, qk, meta.step_cache), v)
+
+    def split_qk(self, qk: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Rotated qk [T, Hq + Hkv, D] and v [T, Hkv * D] -> q, k, v as `qkv_heads` returns them."""
+        cfg = self.config
+        return qk[:, : cfg.num_heads], qk[:, cfg.num_heads :], v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+
+    def qk_v(self, lw: LayerWeights, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> normalised, not yet rotated qk [T, Hq + Hkv, D] and v [T, Hkv * D]."""
         cfg = self.config
         qkv = F.linear(x, lw.qkv_weight, lw.qkv_bias)
         heads, qk_size = cfg.num_heads + cfg.num_kv_heads, cfg.q_size + cfg.kv_size
@@ -146,8 +156,7 @@ class DecoderModel:
             qk, v = qkv[:, :qk_size].view(-1, heads, cfg.head_dim), qkv[:, qk_size:]  # [T, Hq + Hkv, D]
         if cfg.qk_norm == "per_head":  # Qwen3: norm over each head's dim
             qk = rms_norm(qk, lw.qk_norm_heads, cfg.rms_norm_eps)
-        qk = self.rotary.rotate(positions, qk, meta.step_cache)
-        return qk[:, : cfg.num_heads], qk[:, cfg.num_heads :], v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        return qk, v
 
     def ffn_routing(self, lw: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slot ids [T, K'] and weights [T, K'] of each token's FFN in the weights pool."""

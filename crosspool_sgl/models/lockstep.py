@@ -40,6 +40,7 @@ from crosspool_sgl.layers.attention.base import AttentionMetadata
 from crosspool_sgl.layers.attention.kv_write import SharedKVWrite, shares_arena
 from crosspool_sgl.layers.attention.torch_backend import TorchAttentionBackend
 from crosspool_sgl.layers.norm import rms_norm_rows
+from crosspool_sgl.layers.rotary import rotate_halves
 from crosspool_sgl.models.decoder import DecoderModel
 
 FFNFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # x, slots, weights -> out
@@ -100,6 +101,7 @@ class LockstepBatch:
     def __init__(self, slices: list[ModelSlice]) -> None:
         self.slices = slices
         self.num_layers = max((s.model.config.num_layers for s in slices), default=0)
+        self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see _group_tables
         self._planned: dict[int, AttentionMetadata] = {}  # backend id -> the metadata it was planned for
         by_width: dict[int, list[int]] = {}
         for j, s in enumerate(slices):
@@ -160,10 +162,14 @@ class LockstepBatch:
                 lw = s.model.weights.layers[layer]
                 outs.append(s.model.attention(layer, lw, x[a:b], s.positions, s.meta, s.kv))
             return outs
-        heads = []  # per member (q, k, v)
-        for j, (a, b) in zip(members, bounds, strict=True):
-            s = self.slices[j]
-            heads.append(s.model.qkv_heads(s.model.weights.layers[layer], x[a:b], s.positions, s.meta))
+        pre = [  # per member: normalised qk [T, Hq + Hkv, D], v [T, Hkv * D]
+            self.slices[j].model.qk_v(self.slices[j].model.weights.layers[layer], x[a:b])
+            for j, (a, b) in zip(members, bounds, strict=True)
+        ]
+        qks = self._rotate(members, [qk for qk, _ in pre])
+        heads = [  # per member (q, k, v)
+            self.slices[j].model.split_qk(qk, v) for j, qk, (_, v) in zip(members, qks, pre, strict=True)
+        ]
         st.kv_write.write(layer, [k for _, k, _ in heads], [v for _, _, v in heads])
         return [
             self.slices[j].model.attend_written(
@@ -171,6 +177,48 @@ class LockstepBatch:
             )
             for j, (q, _, _) in zip(members, heads, strict=True)
         ]
+
+    def _rotate(self, members: list[int], qks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each member's qk [T, Hq + Hkv, D] rotated. Members with a Llama-style rotation over the
+        whole head of one D and dtype rotate together: their rows stacked [N, D] with each row's
+        own cos/sin (built once per step), one `rotate_halves` — the same elementwise formula."""
+        out: list[torch.Tensor | None] = [None] * len(members)
+        groups: dict[tuple, list[int]] = {}
+        for i, (j, qk) in enumerate(zip(members, qks, strict=True)):
+            rot = self.slices[j].model.rotary
+            if rot.interleaved or rot.rotary_dim != qk.shape[-1]:
+                out[i] = rot.rotate(self.slices[j].positions, qk, self.slices[j].meta.step_cache)
+            else:
+                groups.setdefault((qk.shape[-1], qk.dtype), []).append(i)
+        for (d, dtype), idxs in groups.items():
+            cos, sin = self._group_tables(tuple(members[i] for i in idxs), [qks[i] for i in idxs], dtype)
+            rows = (
+                qks[idxs[0]].reshape(-1, d)
+                if len(idxs) == 1
+                else torch.cat([qks[i].reshape(-1, d) for i in idxs])
+            )
+            rotated = rotate_halves(rows, cos, sin)  # [N, D]
+            start = 0
+            for i in idxs:
+                n = qks[i].shape[0] * qks[i].shape[1]
+                out[i] = rotated[start : start + n].view(qks[i].shape)
+                start += n
+        return out
+
+    def _group_tables(
+        self, group: tuple[int, ...], qks: list[torch.Tensor], dtype
+    ) -> tuple[torch.Tensor, ...]:
+        """cos, sin [N, D] of the rows of `group`'s stacked qk (each model's tables per head)."""
+        key = (group, dtype)
+        if key not in self._rope_tables:
+            cos, sin = [], []
+            for j, qk in zip(group, qks, strict=True):
+                s = self.slices[j]
+                c, si = s.model.rotary.tables(s.positions, dtype, s.meta.step_cache)  # [T, 1, D]
+                cos.append(c.expand(qk.shape).reshape(-1, qk.shape[-1]))
+                sin.append(si.expand(qk.shape).reshape(-1, qk.shape[-1]))
+            self._rope_tables[key] = (torch.cat(cos), torch.cat(sin)) if len(cos) > 1 else (cos[0], sin[0])
+        return self._rope_tables[key]
 
     def _norm_weights(self, members: list[int], bounds, layer: int) -> torch.Tensor:
         """Each row's input and post-attention norm weights [2, R, H] (views when one row each)."""
