@@ -122,11 +122,16 @@ class DecoderModel:
         )  # [T, Hq, D]
         return F.linear(out.reshape(-1, cfg.q_size), lw.o_weight, lw.o_bias)
 
-    def attend_written(self, i, lw: LayerWeights, q, meta, kv) -> torch.Tensor:
+    def attend_written(self, i, lw: LayerWeights, q, meta, kv, gathered=None) -> torch.Tensor:
         """`attention` from q [T, Hq, D] on, the new tokens' K/V already in `kv` (the lockstep
-        forward writes several models' at once); a torch attention backend only."""
+        forward writes several models' at once) and, for a decode step, optionally the pages'
+        (keys, values) `gathered` too; a torch attention backend only."""
         cfg = self.config
-        out = self.attn_backend.attend(q, kv, i, meta, self.scale, cfg.sliding_windows[i], lw.sinks)
+        window = cfg.sliding_windows[i]
+        if gathered is None:
+            out = self.attn_backend.attend(q, kv, i, meta, self.scale, window, lw.sinks)
+        else:
+            out = self.attn_backend.attend_gathered(q, *gathered, meta, self.scale, window, lw.sinks)
         return F.linear(out.reshape(-1, cfg.q_size), lw.o_weight, lw.o_bias)
 
     def qkv_heads(self, lw: LayerWeights, x, positions, meta) -> tuple[torch.Tensor, ...]:

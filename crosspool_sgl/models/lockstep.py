@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from crosspool_sgl.layers import moe
 from crosspool_sgl.layers.attention.base import AttentionMetadata
-from crosspool_sgl.layers.attention.kv_write import SharedKVWrite, shares_arena
+from crosspool_sgl.layers.attention.shared_kv import SharedKVGather, SharedKVWrite, shares_arena
 from crosspool_sgl.layers.attention.torch_backend import TorchAttentionBackend
 from crosspool_sgl.layers.norm import rms_norm_rows
 from crosspool_sgl.layers.rotary import rotate_halves
@@ -88,7 +88,7 @@ class ResidualStream:
         first = slices[self.members[0]].h  # one member: its embedding is the stream (updated in place)
         self.h = torch.cat([slices[j].h for j in self.members]) if len(self.members) > 1 else first
         self.eps = torch.tensor(eps, dtype=torch.float32, device=first.device)[:, None]  # [R, 1]
-        self.kv_write = _shared_kv_write([slices[j] for j in self.members], self.layers)
+        self.kv_write, self.kv_gather = _shared_kv([slices[j] for j in self.members], self.layers)
 
     def num_live(self, layer: int) -> int:
         """Members that have layer `layer` (a prefix: members are sorted by depth)."""
@@ -171,12 +171,14 @@ class LockstepBatch:
             self.slices[j].model.split_qk(qk, v) for j, qk, (_, v) in zip(members, qks, pre, strict=True)
         ]
         st.kv_write.write(layer, [k for _, k, _ in heads], [v for _, _, v in heads])
-        return [
-            self.slices[j].model.attend_written(
-                layer, self.slices[j].model.weights.layers[layer], q, self.slices[j].meta, self.slices[j].kv
+        gathered = st.kv_gather.gather(layer) if st.kv_gather is not None else [None] * len(members)
+        outs = []
+        for j, (q, _, _), kv_rows in zip(members, heads, gathered, strict=True):
+            s = self.slices[j]
+            outs.append(
+                s.model.attend_written(layer, s.model.weights.layers[layer], q, s.meta, s.kv, kv_rows)
             )
-            for j, (q, _, _) in zip(members, heads, strict=True)
-        ]
+        return outs
 
     def _rotate(self, members: list[int], qks: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each member's qk [T, Hq + Hkv, D] rotated. Members with a Llama-style rotation over the
@@ -259,19 +261,21 @@ class LockstepBatch:
             self._planned[id(backend)] = s.meta
 
 
-def _shared_kv_write(members: list[ModelSlice], layers: list[int]) -> SharedKVWrite | None:
-    """The stream's one-copy K/V write when two or more members attend with the torch backend
-    (which can attend after the write) on views of one arena; None: each member writes its own."""
+def _shared_kv(members: list[ModelSlice], layers: list[int]):
+    """The stream's one-copy K/V write (and, for a decode step, one-op page gather) when two or
+    more members attend with the torch backend (which can attend after the write) on views of one
+    arena; (None, None): each member writes and gathers its own."""
     if len(members) < 2 or not all(
         type(s.model.attn_backend) is TorchAttentionBackend and s.model.weights.layers[0].mla is None
         for s in members
     ):
-        return None
-    kvs = [s.kv for s in members]
+        return None, None
+    kvs, metas = [s.kv for s in members], [s.meta for s in members]
     if not shares_arena(kvs):
-        return None
+        return None, None
     order = [[j for j, n in enumerate(layers) if n > i] for i in range(max(layers))]  # live prefixes
-    return SharedKVWrite(kvs, [s.meta for s in members], order)
+    decode = all(m.is_decode for m in metas)
+    return SharedKVWrite(kvs, metas, order), SharedKVGather(kvs, metas, order) if decode else None
 
 
 def _pad_cols(x: torch.Tensor, width: int, value: float) -> torch.Tensor:

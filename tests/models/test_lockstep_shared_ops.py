@@ -1,7 +1,7 @@
 """The cross-model ops of the lockstep forward (models/lockstep.py) against each model's own forward.
 
 Models of one residual stream whose KV views share one arena write their K/V with one indexed copy
-per layer index (layers/attention/kv_write.py) and rotate q/k of one head dim together (rows
+per layer index (layers/attention/shared_kv.py) and rotate q/k of one head dim together (rows
 stacked with each model's own cos/sin). Here four random decoders of hidden size 32 — head dims 8
 and 16, 1 or 2 KV heads, default / llama3 / yarn rope, 1 to 3 layers, one partial-rotary model that
 rotates alone — run a prefill chunk and two decode steps on views of one arena; every model's
@@ -15,7 +15,7 @@ import dataclasses
 import torch
 
 from crosspool_sgl.layers.attention.base import AttentionMetadata
-from crosspool_sgl.layers.attention.kv_write import shares_arena
+from crosspool_sgl.layers.attention.shared_kv import shares_arena
 from crosspool_sgl.models.config import RopeConfig
 from crosspool_sgl.models.decoder import DecoderModel
 from crosspool_sgl.models.lockstep import LockstepBatch, ModelSlice, lockstep_forward
@@ -87,7 +87,8 @@ def test_shared_write_and_rotation_equal_each_models_forward() -> None:
         positions = torch.arange(start, start + new)
         metas = AttentionMetadata.build_many([([p], [start + new], [new]) for p in PAGES], PT, CPU)
         slices = [ModelSlice.embed(m, ids[j], positions, metas[j], kvs[j]) for j, m in enumerate(models)]
-        assert LockstepBatch(list(slices)).streams[0].kv_write is not None  # the shared path runs
+        stream = LockstepBatch(list(slices)).streams[0]  # the shared write (and decode gather) run
+        assert stream.kv_write is not None and (stream.kv_gather is not None) == (new == 1)
         got = lockstep_forward(slices)
         for j, m in enumerate(models):
             own = AttentionMetadata.build([PAGES[j]], [start + new], [new], PT, CPU)

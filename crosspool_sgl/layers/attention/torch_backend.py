@@ -62,7 +62,7 @@ class TorchAttentionBackend(AttentionBackend):
 
     def attend(self, q, kv, layer, meta, scale, sliding_window, sinks=None, value_dim=None) -> torch.Tensor:
         """`forward` once the new tokens' K/V are in `kv` (the lockstep forward writes several
-        models' at once, layers/attention/kv_write.py)."""
+        models' at once, layers/attention/shared_kv.py)."""
         if meta.is_decode:
             return self._decode(q, kv, layer, meta, scale, sliding_window, sinks, value_dim)
         out = q.new_empty(*q.shape[:2], value_dim or q.shape[-1])  # [T, Hq, Dv]
@@ -86,11 +86,17 @@ class TorchAttentionBackend(AttentionBackend):
         return out
 
     def _decode(self, q, kv, layer, meta: AttentionMetadata, scale, sliding_window, sinks, value_dim):
-        pages, mask, additive = self._decode_pages_and_mask(meta, sliding_window, q.dtype)
-        if sinks is None:  # SDPA turns a bool mask into this additive one on every call
-            mask = additive
+        pages = self._decode_pages_and_mask(meta, sliding_window, q.dtype)[0]
         keys, values = kv_planes(kv, pages, layer, value_dim)
         keys, values = keys.flatten(1, 2), values.flatten(1, 2)  # [B, P*PT, Hkv, D|Dv]
+        return self.attend_gathered(q, keys, values, meta, scale, sliding_window, sinks)
+
+    def attend_gathered(self, q, keys, values, meta: AttentionMetadata, scale, sliding_window, sinks=None):
+        """A decode step's attention over keys/values [B, P*PT, Hkv, D|Dv] already gathered from the
+        pages `_decode_pages_and_mask` names (the lockstep forward gathers several models' at once)."""
+        _, mask, additive = self._decode_pages_and_mask(meta, sliding_window, q.dtype)
+        if sinks is None:  # SDPA turns a bool mask into this additive one on every call
+            mask = additive
         qh = q.unsqueeze(2)  # [B, Hq, 1, D]
         kh, vh = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, S, D|Dv]
         return sdpa(qh, kh, vh, mask, scale, sinks).squeeze(2)

@@ -1,5 +1,6 @@
-"""SharedKVWrite (layers/attention/kv_write.py): one indexed copy per layer index for several models'
-K/V must leave the arena byte-identical to each model's own write (AttentionBackend.write_kv).
+"""SharedKVWrite (layers/attention/shared_kv.py): one indexed copy per layer index for several models'
+K/V must leave the arena byte-identical to each model's own write (AttentionBackend.write_kv); SharedKVGather
+the same keys and values as each model's `kv_planes`.
 
 Three views of one arena with different layers, KV heads, head dims (so G = gcd(Hkv * D) is smaller
 than some models' rows) and token counts; the shallow model drops out after its last layer.
@@ -9,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from crosspool_sgl.layers.attention.base import AttentionBackend, AttentionMetadata
-from crosspool_sgl.layers.attention.kv_write import SharedKVWrite, shares_arena
+from crosspool_sgl.layers.attention.base import AttentionBackend, AttentionMetadata, kv_planes
+from crosspool_sgl.layers.attention.shared_kv import SharedKVGather, SharedKVWrite, shares_arena
 
 PT = 4
 CPU = torch.device("cpu")
@@ -66,3 +67,23 @@ def test_one_copy_per_layer_equals_each_models_own_write() -> None:
         want = run(new, shared=False)
         assert want.count_nonzero() > 0
         assert torch.equal(run(new, shared=True), want), new
+
+
+def test_one_gather_per_layer_equals_each_models_kv_planes() -> None:
+    torch.manual_seed(1)
+    arena = torch.randn(4096)
+    kvs = views(arena)
+    metas = [AttentionMetadata.build(PAGES[j], SEQ_LENS[j], [1] * len(PAGES[j]), PT, CPU) for j in range(3)]
+    perm = (0, 2, 1)
+    depths = [GEOMETRIES[j][0] for j in perm]
+    order = [[p for p in range(3) if depths[p] > i] for i in range(max(depths))]
+    gather = SharedKVGather([kvs[j] for j in perm], [metas[j] for j in perm], order)
+    for layer, live in enumerate(order):
+        got = gather.gather(layer)
+        assert len(got) == len(live)
+        for p, (keys, values) in zip(live, got, strict=True):
+            j = perm[p]
+            pages = metas[j].page_table[:, : -(-max(SEQ_LENS[j]) // PT)].long()
+            want_k, want_v = kv_planes(kvs[j], pages, layer, None)
+            assert torch.equal(keys, want_k.flatten(1, 2)), (layer, j)
+            assert torch.equal(values, want_v.flatten(1, 2)), (layer, j)
