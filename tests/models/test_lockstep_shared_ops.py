@@ -4,7 +4,7 @@ Models of one residual stream whose KV views share one arena write their K/V wit
 per layer index (layers/attention/shared_kv.py) and rotate q/k of one head dim together (rows
 stacked with each model's own cos/sin). Here four random decoders of hidden size 32 — head dims 8
 and 16, 1 or 2 KV heads, default / llama3 / yarn rope, 1 to 3 layers, one partial-rotary model that
-rotates alone — run a prefill chunk and two decode steps on views of one arena; every model's
+rotates alone — run prefills of different lengths and two decode steps on views of one arena; every model's
 final hidden states and the whole arena must equal the per-model forward bit for bit.
 """
 
@@ -82,16 +82,21 @@ def test_shared_write_and_rotation_equal_each_models_forward() -> None:
     arena, own_arena = torch.zeros(8192), torch.zeros(8192)
     kvs, own_kvs = views(arena, models), views(own_arena, models)
     assert shares_arena(kvs)
-    for start, new in [(0, 5), (5, 1), (6, 1)]:  # a 5-token prefill, then two decode tokens
-        ids = [torch.randint(0, VOCAB, (new,)) for _ in models]
-        positions = torch.arange(start, start + new)
-        metas = AttentionMetadata.build_many([([p], [start + new], [new]) for p in PAGES], PT, CPU)
-        slices = [ModelSlice.embed(m, ids[j], positions, metas[j], kvs[j]) for j, m in enumerate(models)]
+    prompts = [5, 3, 6, 2]  # different lengths: the decode steps' keys span 1 or 2 pages
+    for step in range(3):  # a prefill, then two decode tokens
+        new = prompts if step == 0 else [1] * len(models)
+        starts = [0] * len(models) if step == 0 else [n + step - 1 for n in prompts]
+        ids = [torch.randint(0, VOCAB, (n,)) for n in new]
+        positions = [torch.arange(a, a + n) for a, n in zip(starts, new, strict=True)]
+        batches = [([p], [a + n], [n]) for p, a, n in zip(PAGES, starts, new, strict=True)]
+        metas = AttentionMetadata.build_many(batches, PT, CPU)
+        slices = [ModelSlice.embed(m, ids[j], positions[j], metas[j], kvs[j]) for j, m in enumerate(models)]
         stream = LockstepBatch(list(slices)).streams[0]  # the shared write (and decode gather) run
-        assert stream.kv_write is not None and (stream.kv_gather is not None) == (new == 1)
+        assert stream.kv_write is not None and (stream.kv_gather is not None) == (step > 0)
         got = lockstep_forward(slices)
         for j, m in enumerate(models):
-            own = AttentionMetadata.build([PAGES[j]], [start + new], [new], PT, CPU)
-            assert torch.equal(got[j], m.forward(ids[j], positions, own, own_kvs[j])), (start, m.name)
-        assert torch.equal(arena, own_arena), start
+            own = AttentionMetadata.build(*batches[j], PT, CPU)
+            want = m.forward(ids[j], positions[j], own, own_kvs[j])
+            assert torch.equal(got[j], want), (step, m.name)
+        assert torch.equal(arena, own_arena), step
         assert arena.count_nonzero() > 0

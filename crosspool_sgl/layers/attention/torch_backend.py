@@ -114,6 +114,28 @@ class TorchAttentionBackend(AttentionBackend):
         return cached
 
     @staticmethod
+    def plan_decode_many(metas: list[AttentionMetadata], dtype: torch.dtype) -> None:
+        """`_decode_pages_and_mask` (no sliding window) of several decode steps' metadata in one
+        pass — the lockstep forward's models: one mask [sum B, max S] whose rows and first S
+        columns are each model's (the same values), instead of one build per model."""
+        key = ("decode", None, dtype)
+        todo = [m for m in metas if key not in m.step_cache]
+        if len(todo) < 2:
+            return
+        num_pages = [-(-max(m.seq_lens_cpu) // m.page_tokens) for m in todo]
+        width = max(p * m.page_tokens for p, m in zip(num_pages, todo, strict=True))
+        q_pos = torch.cat([m.seq_lens for m in todo]).long() - 1  # [sum B]
+        k_pos = torch.arange(width, device=q_pos.device)
+        mask = (k_pos[None, :] <= q_pos[:, None])[:, None, None, :]  # [sum B, 1, 1, max S]
+        additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        start = 0
+        for m, p in zip(todo, num_pages, strict=True):
+            b, s = m.page_table.shape[0], p * m.page_tokens
+            pages = m.page_table[:, :p].long()
+            m.step_cache[key] = pages, mask[start : start + b, ..., :s], additive[start : start + b, ..., :s]
+            start += b
+
+    @staticmethod
     def _decode_pages_and_mask(meta: AttentionMetadata, sliding_window: int | None, dtype: torch.dtype):
         """Page ids [B, P], mask [B, 1, 1, S] and the same mask as 0 / -inf in `dtype` of a decode step:
         the same for every layer, so built once per step and window and kept in `meta.step_cache`."""
