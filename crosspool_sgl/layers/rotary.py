@@ -145,3 +145,50 @@ def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     models stacked with their own tables rotate in one call (models/lockstep.py)."""
     swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)  # [x2, x1]
     return x * cos + swapped * sin
+
+
+# per (rotaries, tokens, heads): the rows' token index, inverse frequencies, factors and signs,
+# the same every decode step; the rotaries are kept alive with their tables (their ids are keys)
+_STACKS: dict[tuple, tuple] = {}
+
+
+def stacked_tables(
+    rotaries: list[RotaryEmbedding], positions: list[torch.Tensor], heads: list[int], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [N, R] of several Llama-style rotaries' rows stacked (model, token, head): each row
+    the values its own model's `tables` gives its token, in one pass over all rows (the same
+    elementwise products; a factor of 1.0 is exact) instead of one table build per model."""
+    key = (tuple(id(r) for r in rotaries), tuple(p.shape[0] for p in positions), tuple(heads))
+    stack = _STACKS.get(key)
+    if stack is None:
+        if len(_STACKS) > 256:
+            _STACKS.clear()
+        stack = _STACKS[key] = _stack(rotaries, [p.shape[0] for p in positions], heads)
+    _, token_of_row, inv_freq, factor, signs = stack
+    pos = torch.cat(positions) if len(positions) > 1 else positions[0]
+    emb = pos[token_of_row].float()[:, None] * inv_freq  # [N, R]
+    cos, sin = emb.cos(), emb.sin()
+    if factor is not None:
+        cos, sin = cos * factor, sin * factor
+    return cos.to(dtype), sin.to(dtype) * signs.to(dtype)
+
+
+def _stack(rotaries: list[RotaryEmbedding], tokens: list[int], heads: list[int]) -> tuple:
+    assert all(not r.interleaved for r in rotaries), "stacked tables are for Llama-style rotaries"
+    token_of_row, inv, factor, signs = [], [], [], []
+    start = 0
+    for r, t, h in zip(rotaries, tokens, heads, strict=True):
+        token_of_row += [start + i for i in range(t) for _ in range(h)]
+        inv.append(r._inv_freq2[None, :].expand(t * h, -1))
+        factor += [r.attention_factor] * (t * h)
+        signs.append(r._half_signs[None, :].expand(t * h, -1))
+        start += t
+    device = rotaries[0].inv_freq.device
+    scaled = any(f != 1.0 for f in factor)
+    return (
+        list(rotaries),
+        torch.tensor(token_of_row, dtype=torch.int64, device=device),
+        torch.cat(inv),
+        torch.tensor(factor, dtype=torch.float32, device=device)[:, None] if scaled else None,
+        torch.cat(signs),
+    )

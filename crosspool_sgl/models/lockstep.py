@@ -40,7 +40,7 @@ from crosspool_sgl.layers.attention.base import AttentionMetadata
 from crosspool_sgl.layers.attention.shared_kv import SharedKVGather, SharedKVWrite, shares_arena
 from crosspool_sgl.layers.attention.torch_backend import TorchAttentionBackend
 from crosspool_sgl.layers.norm import rms_norm_rows
-from crosspool_sgl.layers.rotary import rotate_halves
+from crosspool_sgl.layers.rotary import rotate_halves, stacked_tables
 from crosspool_sgl.models.decoder import DecoderModel
 
 FFNFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # x, slots, weights -> out
@@ -210,17 +210,19 @@ class LockstepBatch:
     def _group_tables(
         self, group: tuple[int, ...], qks: list[torch.Tensor], dtype
     ) -> tuple[torch.Tensor, ...]:
-        """cos, sin [N, D] of the rows of `group`'s stacked qk (each model's tables per head)."""
-        key = (group, dtype)
+        """cos, sin [N, D] of the rows of `group`'s stacked qk, built once per step at layer 0: the
+        groups of later layers are prefixes of it (members are sorted by depth), so their rows too."""
+        key = (group[0], dtype)  # a stream's group of one D and dtype starts with the same member
+        rows = sum(qk.shape[0] * qk.shape[1] for qk in qks)
         if key not in self._rope_tables:
-            cos, sin = [], []
-            for j, qk in zip(group, qks, strict=True):
-                s = self.slices[j]
-                c, si = s.model.rotary.tables(s.positions, dtype, s.meta.step_cache)  # [T, 1, D]
-                cos.append(c.expand(qk.shape).reshape(-1, qk.shape[-1]))
-                sin.append(si.expand(qk.shape).reshape(-1, qk.shape[-1]))
-            self._rope_tables[key] = (torch.cat(cos), torch.cat(sin)) if len(cos) > 1 else (cos[0], sin[0])
-        return self._rope_tables[key]
+            self._rope_tables[key] = stacked_tables(
+                [self.slices[j].model.rotary for j in group],
+                [self.slices[j].positions for j in group],
+                [qk.shape[1] for qk in qks],
+                dtype,
+            )
+        cos, sin = self._rope_tables[key]
+        return (cos, sin) if cos.shape[0] == rows else (cos[:rows], sin[:rows])
 
     def _norm_weights(self, members: list[int], bounds, layer: int) -> torch.Tensor:
         """Each row's input and post-attention norm weights [2, R, H] (views when one row each)."""
