@@ -276,10 +276,10 @@ def _shared_kv(members: list[ModelSlice], layers: list[int]):
     if not shares_arena(kvs):
         return None, None
     order = [[j for j, n in enumerate(layers) if n > i] for i in range(max(layers))]  # live prefixes
-    decode = all(m.is_decode for m in metas)
-    if decode:
-        TorchAttentionBackend.plan_decode_many(metas, members[0].h.dtype)
-    return SharedKVWrite(kvs, metas, order), SharedKVGather(kvs, metas, order) if decode else None
+    if not all(m.is_decode for m in metas):
+        return SharedKVWrite(kvs, metas, order), None
+    pages = TorchAttentionBackend.plan_decode_many(metas, members[0].h.dtype)
+    return SharedKVWrite(kvs, metas, order), SharedKVGather(kvs, metas, order, pages)
 
 
 def _pad_cols(x: torch.Tensor, width: int, value: float) -> torch.Tensor:

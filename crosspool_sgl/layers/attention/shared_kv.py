@@ -114,7 +114,13 @@ class SharedKVGather:
     """A decode step's page gathers of models whose views share one arena, one `index_select` per
     layer index (`order` as in `SharedKVWrite`; every metadata must be a decode step's)."""
 
-    def __init__(self, kvs: list[torch.Tensor], metas: list[AttentionMetadata], order: list[list[int]]):
+    def __init__(
+        self,
+        kvs: list[torch.Tensor],
+        metas: list[AttentionMetadata],
+        order: list[list[int]],
+        pages: torch.Tensor | None = None,  # int64 [sum B * Pm]: each model's page_table[:, :Pm]
+    ):
         assert shares_arena(kvs) and all(m.is_decode for m in metas)
         sizes = [kv.shape[3] * kv.shape[4] * kv.shape[5] for kv in kvs]  # PT * Hkv * D
         g = math.gcd(*sizes)
@@ -133,7 +139,10 @@ class SharedKVGather:
                 _LAYOUTS.clear()
             layout = _LAYOUTS[key] = _layout(geo, per_model, order, kvs[0].device, slots=False)
         mult, page_of_row, const, self.bounds = layout
-        pages = torch.cat([m.page_table[:, :p].reshape(-1) for m, p in zip(metas, num_pages, strict=True)])
+        if pages is None:
+            pages = torch.cat(
+                [m.page_table[:, :p].reshape(-1) for m, p in zip(metas, num_pages, strict=True)]
+            )
         self.rows = (pages.long() * mult)[page_of_row] + const  # [sum over layers of rows]
         self.order = order
 

@@ -114,26 +114,33 @@ class TorchAttentionBackend(AttentionBackend):
         return cached
 
     @staticmethod
-    def plan_decode_many(metas: list[AttentionMetadata], dtype: torch.dtype) -> None:
+    def plan_decode_many(metas: list[AttentionMetadata], dtype: torch.dtype) -> torch.Tensor | None:
         """`_decode_pages_and_mask` (no sliding window) of several decode steps' metadata in one
-        pass — the lockstep forward's models: one mask [sum B, max S] whose rows and first S
-        columns are each model's (the same values), instead of one build per model."""
+        pass — the lockstep forward's models: one page list and one mask [sum B, max S] whose
+        rows and first S columns are each model's (the same values), not one build per model.
+        Returns the page ids [sum B * P] (each model's [B, P] row-major, in order) when it planned
+        every metadata, else None."""
         key = ("decode", None, dtype)
         todo = [m for m in metas if key not in m.step_cache]
         if len(todo) < 2:
-            return
+            return None
         num_pages = [-(-max(m.seq_lens_cpu) // m.page_tokens) for m in todo]
         width = max(p * m.page_tokens for p, m in zip(num_pages, todo, strict=True))
+        pages = torch.cat([m.page_table[:, :p].reshape(-1) for m, p in zip(todo, num_pages, strict=True)])
+        pages = pages.long()  # [sum B * P]
         q_pos = torch.cat([m.seq_lens for m in todo]).long() - 1  # [sum B]
         k_pos = torch.arange(width, device=q_pos.device)
         mask = (k_pos[None, :] <= q_pos[:, None])[:, None, None, :]  # [sum B, 1, 1, max S]
         additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-        start = 0
+        start = at = 0
         for m, p in zip(todo, num_pages, strict=True):
             b, s = m.page_table.shape[0], p * m.page_tokens
-            pages = m.page_table[:, :p].long()
-            m.step_cache[key] = pages, mask[start : start + b, ..., :s], additive[start : start + b, ..., :s]
-            start += b
+            rows, add = mask.narrow(0, start, b), additive.narrow(0, start, b)
+            if s != width:
+                rows, add = rows.narrow(3, 0, s), add.narrow(3, 0, s)
+            m.step_cache[key] = pages.narrow(0, at, b * p).view(b, p), rows, add
+            start, at = start + b, at + b * p
+        return pages if len(todo) == len(metas) else None
 
     @staticmethod
     def _decode_pages_and_mask(meta: AttentionMetadata, sliding_window: int | None, dtype: torch.dtype):
