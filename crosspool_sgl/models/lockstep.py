@@ -15,9 +15,13 @@ Models of one hidden size share one *residual stream*: their rows stacked, deepe
 so the models that still have layer i own a prefix of the rows. What is the same op for every
 model runs once per stream and layer instead of once per model: the input and post-attention
 RMSNorms (each row with its own model's weight and eps), both residual adds, the final norm,
-and the FFN input needs no concatenation. Only what reads a model's own weights or KV runs per
-model: q/k/v and o projections, q/k norms, rotary, paged attention, the router. The results are
-bit-identical to `DecoderModel.forward` (same formula per row; tests/models/test_lockstep.py).
+and the FFN input needs no concatenation. When the stream's models attend with the torch
+backend on views of one KV arena, their attention shares ops too (`_attention`): the new K/V of
+all of them go into the arena with one indexed copy per layer index, a decode step's pages come
+out with one gather and its masks are built once (layers/attention/shared_kv.py), and q/k of one
+head dim rotate in one call over stacked rows with per-row tables. Only what reads a model's own
+weights runs per model: q/k/v and o projections, q/k norms, SDPA, the router. The results are
+bit-identical to `DecoderModel.forward` (same formula per row; tests/models/test_lockstep*.py).
 
 Embedding, logits and sampling stay per model (the model runner's job). The FFN is a callable so
 the disaggregated pipeline can send the combined rows to its workers instead
