@@ -31,7 +31,7 @@ import torch
 
 from crosspool_sgl.layers.attention.base import AttentionMetadata
 
-# host-side row layout per batch structure: decode steps repeat the same structure every step
+# row layouts per (device, batch structure): decode steps repeat the same structure every step
 _LAYOUTS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]] = {}
 
 
@@ -63,7 +63,7 @@ class SharedKVWrite:
         self.flat = max(kvs, key=lambda kv: kv.numel()).view(-1, self.g)  # [rows, G]
         geo = tuple((kv.shape[1], kv.shape[3], w // self.g) for kv, w in zip(kvs, widths, strict=True))
         tokens = tuple(m.write_pages.shape[0] for m in metas)
-        key = (self.g, geo, tokens, tuple(map(tuple, order)))
+        key = (str(kvs[0].device), self.g, geo, tokens, tuple(map(tuple, order)))
         layout = _LAYOUTS.get(key)
         if layout is None:
             if len(_LAYOUTS) > 256:
@@ -132,7 +132,7 @@ class SharedKVGather:
         ]
         geo = tuple((kv.shape[1], 1, size // g) for kv, size in zip(kvs, sizes, strict=True))
         per_model = tuple(b * p for (b, *_), p in zip(self.shapes, num_pages, strict=True))  # pages each
-        key = ("gather", g, geo, per_model, tuple(map(tuple, order)))
+        key = ("gather", str(kvs[0].device), g, geo, per_model, tuple(map(tuple, order)))
         layout = _LAYOUTS.get(key)
         if layout is None:
             if len(_LAYOUTS) > 256:
