@@ -111,16 +111,20 @@ class RotaryEmbedding:
     def rotate(self, positions: torch.Tensor, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         """x [T, H, D] rotated. q and k stacked along the heads rotate in one call (the decoder
         does): a decode step is bound by the number of small ops, not their size."""
-        key = ("rope", id(self), x.dtype)
+        return self._rotate(x, *self.tables(positions, x.dtype, cache))
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype, cache: dict | None = None):
+        """cos, sin [T, 1, R] of `rotate` (sin signed for the halves swap unless interleaved)."""
+        key = ("rope", id(self), dtype)
         tables = None if cache is None else cache.get(key)
         if tables is None:
-            cos, sin = self.cos_sin(positions, x.dtype)
+            cos, sin = self.cos_sin(positions, dtype)
             if not self.interleaved:  # rotate_half(x) * sin == halves-swapped(x) * [-sin1, sin2]
                 sin = sin * self._half_signs.to(sin.dtype)
             tables = cos[:, None, :], sin[:, None, :]  # [T, 1, R]
             if cache is not None:
                 cache[key] = tables
-        return self._rotate(x, *tables)
+        return tables
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         r = self.rotary_dim
@@ -130,7 +134,61 @@ class RotaryEmbedding:
             c, s = cos[..., :half], sin[..., :half]
             even, odd = rot[..., 0::2], rot[..., 1::2]
             out = torch.cat((even * c - odd * s, odd * c + even * s), dim=-1)
-        else:  # Llama style, `rot * cos + rotate_half(rot) * sin` bit for bit (negation is exact)
-            swapped = rot.unflatten(-1, (2, r // 2)).flip(-2).flatten(-2)  # [x2, x1]
-            out = rot * cos + swapped * sin  # sin: the signed table of `rotate`
+        else:
+            out = rotate_halves(rot, cos, sin)
         return out if rest is None else torch.cat((out, rest), dim=-1)
+
+
+def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama-style rotation of x [..., R], `x * cos + rotate_half(x) * sin` bit for bit (negation is
+    exact; `sin` is the signed table of `RotaryEmbedding.tables`). Elementwise, so rows of several
+    models stacked with their own tables rotate in one call (models/lockstep.py)."""
+    swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)  # [x2, x1]
+    return x * cos + swapped * sin
+
+
+# per (rotaries, tokens, heads): the rows' token index, inverse frequencies, factors and signs,
+# the same every decode step; the rotaries are kept alive with their tables (their ids are keys)
+_STACKS: dict[tuple, tuple] = {}
+
+
+def stacked_tables(
+    rotaries: list[RotaryEmbedding], positions: list[torch.Tensor], heads: list[int], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [N, R] of several Llama-style rotaries' rows stacked (model, token, head): each row
+    the values its own model's `tables` gives its token, in one pass over all rows (the same
+    elementwise products; a factor of 1.0 is exact) instead of one table build per model."""
+    key = (tuple(id(r) for r in rotaries), tuple(p.shape[0] for p in positions), tuple(heads))
+    stack = _STACKS.get(key)
+    if stack is None:
+        if len(_STACKS) > 256:
+            _STACKS.clear()
+        stack = _STACKS[key] = _stack(rotaries, [p.shape[0] for p in positions], heads)
+    _, token_of_row, inv_freq, factor, signs = stack
+    pos = torch.cat(positions) if len(positions) > 1 else positions[0]
+    emb = pos[token_of_row].float()[:, None] * inv_freq  # [N, R]
+    cos, sin = emb.cos(), emb.sin()
+    if factor is not None:
+        cos, sin = cos * factor, sin * factor
+    return cos.to(dtype), sin.to(dtype) * signs.to(dtype)
+
+
+def _stack(rotaries: list[RotaryEmbedding], tokens: list[int], heads: list[int]) -> tuple:
+    assert all(not r.interleaved for r in rotaries), "stacked tables are for Llama-style rotaries"
+    token_of_row, inv, factor, signs = [], [], [], []
+    start = 0
+    for r, t, h in zip(rotaries, tokens, heads, strict=True):
+        token_of_row += [start + i for i in range(t) for _ in range(h)]
+        inv.append(r._inv_freq2[None, :].expand(t * h, -1))
+        factor += [r.attention_factor] * (t * h)
+        signs.append(r._half_signs[None, :].expand(t * h, -1))
+        start += t
+    device = rotaries[0].inv_freq.device
+    scaled = any(f != 1.0 for f in factor)
+    return (
+        list(rotaries),
+        torch.tensor(token_of_row, dtype=torch.int64, device=device),
+        torch.cat(inv),
+        torch.tensor(factor, dtype=torch.float32, device=device)[:, None] if scaled else None,
+        torch.cat(signs),
+    )

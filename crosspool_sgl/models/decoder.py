@@ -116,6 +116,37 @@ class DecoderModel:
         cfg = self.config
         if lw.mla is not None:
             return F.linear(mla_attention(self, i, lw.mla, x, positions, meta, kv), lw.o_weight, lw.o_bias)
+        q, k, v = self.qkv_heads(lw, x, positions, meta)
+        out = self.attn_backend.forward(
+            q, k, v, kv, i, meta, self.scale, cfg.sliding_windows[i], sinks=lw.sinks
+        )  # [T, Hq, D]
+        return F.linear(out.reshape(-1, cfg.q_size), lw.o_weight, lw.o_bias)
+
+    def attend_written(self, i, lw: LayerWeights, q, meta, kv, gathered=None) -> torch.Tensor:
+        """`attention` from q [T, Hq, D] on, the new tokens' K/V already in `kv` (the lockstep
+        forward writes several models' at once) and, for a decode step, optionally the pages'
+        (keys, values) `gathered` too; a torch attention backend only."""
+        cfg = self.config
+        window = cfg.sliding_windows[i]
+        if gathered is None:
+            out = self.attn_backend.attend(q, kv, i, meta, self.scale, window, lw.sinks)
+        else:
+            out = self.attn_backend.attend_gathered(q, *gathered, meta, self.scale, window, lw.sinks)
+        return F.linear(out.reshape(-1, cfg.q_size), lw.o_weight, lw.o_bias)
+
+    def qkv_heads(self, lw: LayerWeights, x, positions, meta) -> tuple[torch.Tensor, ...]:
+        """x [T, H] -> normalised, rotated q [T, Hq, D], k and v [T, Hkv, D] (not MLA)."""
+        qk, v = self.qk_v(lw, x)
+        return self.split_qk(self.rotary.rotate(positions, qk, meta.step_cache), v)
+
+    def split_qk(self, qk: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Rotated qk [T, Hq + Hkv, D] and v [T, Hkv * D] -> q, k, v as `qkv_heads` returns them."""
+        cfg = self.config
+        return qk[:, : cfg.num_heads], qk[:, cfg.num_heads :], v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+
+    def qk_v(self, lw: LayerWeights, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> normalised, not yet rotated qk [T, Hq + Hkv, D] and v [T, Hkv * D]."""
+        cfg = self.config
         qkv = F.linear(x, lw.qkv_weight, lw.qkv_bias)
         heads, qk_size = cfg.num_heads + cfg.num_kv_heads, cfg.q_size + cfg.kv_size
         if cfg.qk_norm == "full" or cfg.clip_qkv is not None:
@@ -130,13 +161,7 @@ class DecoderModel:
             qk, v = qkv[:, :qk_size].view(-1, heads, cfg.head_dim), qkv[:, qk_size:]  # [T, Hq + Hkv, D]
         if cfg.qk_norm == "per_head":  # Qwen3: norm over each head's dim
             qk = rms_norm(qk, lw.qk_norm_heads, cfg.rms_norm_eps)
-        qk = self.rotary.rotate(positions, qk, meta.step_cache)
-        q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
-        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
-        out = self.attn_backend.forward(
-            q, k, v, kv, i, meta, self.scale, cfg.sliding_windows[i], sinks=lw.sinks
-        )  # [T, Hq, D]
-        return F.linear(out.reshape(-1, cfg.q_size), lw.o_weight, lw.o_bias)
+        return qk, v
 
     def ffn_routing(self, lw: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slot ids [T, K'] and weights [T, K'] of each token's FFN in the weights pool."""

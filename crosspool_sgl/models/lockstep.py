@@ -15,9 +15,13 @@ Models of one hidden size share one *residual stream*: their rows stacked, deepe
 so the models that still have layer i own a prefix of the rows. What is the same op for every
 model runs once per stream and layer instead of once per model: the input and post-attention
 RMSNorms (each row with its own model's weight and eps), both residual adds, the final norm,
-and the FFN input needs no concatenation. Only what reads a model's own weights or KV runs per
-model: q/k/v and o projections, q/k norms, rotary, paged attention, the router. The results are
-bit-identical to `DecoderModel.forward` (same formula per row; tests/models/test_lockstep.py).
+and the FFN input needs no concatenation. When the stream's models attend with the torch
+backend on views of one KV arena, their attention shares ops too (`_attention`): the new K/V of
+all of them go into the arena with one indexed copy per layer index, a decode step's pages come
+out with one gather and its masks are built once (layers/attention/shared_kv.py), and q/k of one
+head dim rotate in one call over stacked rows with per-row tables. Only what reads a model's own
+weights runs per model: q/k/v and o projections, q/k norms, SDPA, the router. The results are
+bit-identical to `DecoderModel.forward` (same formula per row; tests/models/test_lockstep*.py).
 
 Embedding, logits and sampling stay per model (the model runner's job). The FFN is a callable so
 the disaggregated pipeline can send the combined rows to its workers instead
@@ -37,7 +41,10 @@ import torch.nn.functional as F
 
 from crosspool_sgl.layers import moe
 from crosspool_sgl.layers.attention.base import AttentionMetadata
+from crosspool_sgl.layers.attention.shared_kv import SharedKVGather, SharedKVWrite, shares_arena
+from crosspool_sgl.layers.attention.torch_backend import TorchAttentionBackend
 from crosspool_sgl.layers.norm import rms_norm_rows
+from crosspool_sgl.layers.rotary import rotate_halves, stacked_tables
 from crosspool_sgl.models.decoder import DecoderModel
 
 FFNFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # x, slots, weights -> out
@@ -85,6 +92,7 @@ class ResidualStream:
         first = slices[self.members[0]].h  # one member: its embedding is the stream (updated in place)
         self.h = torch.cat([slices[j].h for j in self.members]) if len(self.members) > 1 else first
         self.eps = torch.tensor(eps, dtype=torch.float32, device=first.device)[:, None]  # [R, 1]
+        self.kv_write, self.kv_gather = _shared_kv([slices[j] for j in self.members], self.layers)
 
     def num_live(self, layer: int) -> int:
         """Members that have layer `layer` (a prefix: members are sorted by depth)."""
@@ -97,6 +105,7 @@ class LockstepBatch:
     def __init__(self, slices: list[ModelSlice]) -> None:
         self.slices = slices
         self.num_layers = max((s.model.config.num_layers for s in slices), default=0)
+        self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see _group_tables
         self._planned: dict[int, AttentionMetadata] = {}  # backend id -> the metadata it was planned for
         by_width: dict[int, list[int]] = {}
         for j, s in enumerate(slices):
@@ -136,12 +145,7 @@ class LockstepBatch:
         h, eps = st.h[:rows], st.eps[:rows]
         norms = self._norm_weights(members, bounds, layer)  # [2, R, H]
         x = rms_norm_rows(h, norms[0], eps)
-        outs = []
-        for j, (a, b) in zip(members, bounds, strict=True):
-            s = self.slices[j]
-            self._plan(s)
-            lw = s.model.weights.layers[layer]
-            outs.append(s.model.attention(layer, lw, x[a:b], s.positions, s.meta, s.kv))
+        outs = self._attention(st, members, bounds, layer, x)
         h += torch.cat(outs) if n > 1 else outs[0]
         x = rms_norm_rows(h, norms[1], eps)
         for j, (a, b) in zip(members, bounds, strict=True):
@@ -150,6 +154,79 @@ class LockstepBatch:
             slots.append(ids)
             weights.append(w)
         return x
+
+    def _attention(self, st: ResidualStream, members: list[int], bounds, layer: int, x) -> list:
+        """Each member's attention output [T, H] of layer `layer` from its normed rows of x; with
+        the stream's shared K/V write, every member's K/V go into the arena in one indexed copy."""
+        if st.kv_write is None:
+            outs = []
+            for j, (a, b) in zip(members, bounds, strict=True):
+                s = self.slices[j]
+                self._plan(s)
+                lw = s.model.weights.layers[layer]
+                outs.append(s.model.attention(layer, lw, x[a:b], s.positions, s.meta, s.kv))
+            return outs
+        pre = [  # per member: normalised qk [T, Hq + Hkv, D], v [T, Hkv * D]
+            self.slices[j].model.qk_v(self.slices[j].model.weights.layers[layer], x[a:b])
+            for j, (a, b) in zip(members, bounds, strict=True)
+        ]
+        qks = self._rotate(members, [qk for qk, _ in pre])
+        heads = [  # per member (q, k, v)
+            self.slices[j].model.split_qk(qk, v) for j, qk, (_, v) in zip(members, qks, pre, strict=True)
+        ]
+        st.kv_write.write(layer, [k for _, k, _ in heads], [v for _, _, v in heads])
+        gathered = st.kv_gather.gather(layer) if st.kv_gather is not None else [None] * len(members)
+        outs = []
+        for j, (q, _, _), kv_rows in zip(members, heads, gathered, strict=True):
+            s = self.slices[j]
+            outs.append(
+                s.model.attend_written(layer, s.model.weights.layers[layer], q, s.meta, s.kv, kv_rows)
+            )
+        return outs
+
+    def _rotate(self, members: list[int], qks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each member's qk [T, Hq + Hkv, D] rotated. Members with a Llama-style rotation over the
+        whole head of one D and dtype rotate together: their rows stacked [N, D] with each row's
+        own cos/sin (built once per step), one `rotate_halves` — the same elementwise formula."""
+        out: list[torch.Tensor | None] = [None] * len(members)
+        groups: dict[tuple, list[int]] = {}
+        for i, (j, qk) in enumerate(zip(members, qks, strict=True)):
+            rot = self.slices[j].model.rotary
+            if rot.interleaved or rot.rotary_dim != qk.shape[-1]:
+                out[i] = rot.rotate(self.slices[j].positions, qk, self.slices[j].meta.step_cache)
+            else:
+                groups.setdefault((qk.shape[-1], qk.dtype), []).append(i)
+        for (d, dtype), idxs in groups.items():
+            cos, sin = self._group_tables(tuple(members[i] for i in idxs), [qks[i] for i in idxs], dtype)
+            rows = (
+                qks[idxs[0]].reshape(-1, d)
+                if len(idxs) == 1
+                else torch.cat([qks[i].reshape(-1, d) for i in idxs])
+            )
+            rotated = rotate_halves(rows, cos, sin)  # [N, D]
+            start = 0
+            for i in idxs:
+                n = qks[i].shape[0] * qks[i].shape[1]
+                out[i] = rotated[start : start + n].view(qks[i].shape)
+                start += n
+        return out
+
+    def _group_tables(
+        self, group: tuple[int, ...], qks: list[torch.Tensor], dtype
+    ) -> tuple[torch.Tensor, ...]:
+        """cos, sin [N, D] of the rows of `group`'s stacked qk, built once per step at layer 0: the
+        groups of later layers are prefixes of it (members are sorted by depth), so their rows too."""
+        key = (group[0], dtype)  # a stream's group of one D and dtype starts with the same member
+        rows = sum(qk.shape[0] * qk.shape[1] for qk in qks)
+        if key not in self._rope_tables:
+            self._rope_tables[key] = stacked_tables(
+                [self.slices[j].model.rotary for j in group],
+                [self.slices[j].positions for j in group],
+                [qk.shape[1] for qk in qks],
+                dtype,
+            )
+        cos, sin = self._rope_tables[key]
+        return (cos, sin) if cos.shape[0] == rows else (cos[:rows], sin[:rows])
 
     def _norm_weights(self, members: list[int], bounds, layer: int) -> torch.Tensor:
         """Each row's input and post-attention norm weights [2, R, H] (views when one row each)."""
@@ -188,6 +265,25 @@ class LockstepBatch:
         if self._planned.get(id(backend)) is not s.meta:
             backend.init_forward(s.meta)
             self._planned[id(backend)] = s.meta
+
+
+def _shared_kv(members: list[ModelSlice], layers: list[int]):
+    """The stream's one-copy K/V write (and, for a decode step, one-op page gather) when two or
+    more members attend with the torch backend (which can attend after the write) on views of one
+    arena; (None, None): each member writes and gathers its own."""
+    if len(members) < 2 or not all(
+        type(s.model.attn_backend) is TorchAttentionBackend and s.model.weights.layers[0].mla is None
+        for s in members
+    ):
+        return None, None
+    kvs, metas = [s.kv for s in members], [s.meta for s in members]
+    if not shares_arena(kvs):
+        return None, None
+    order = [[j for j, n in enumerate(layers) if n > i] for i in range(max(layers))]  # live prefixes
+    if not all(m.is_decode for m in metas):
+        return SharedKVWrite(kvs, metas, order), None
+    pages = TorchAttentionBackend.plan_decode_many(metas, members[0].h.dtype)
+    return SharedKVWrite(kvs, metas, order), SharedKVGather(kvs, metas, order, pages)
 
 
 def _pad_cols(x: torch.Tensor, width: int, value: float) -> torch.Tensor:

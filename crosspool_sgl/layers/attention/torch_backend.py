@@ -58,6 +58,11 @@ class TorchAttentionBackend(AttentionBackend):
         else:  # K and V of the new tokens in one indexed write (a decode step is bound by op count)
             to_pages, to_planes, to_slots = self._write_index(meta)
             kv[to_pages, layer, to_planes, to_slots] = torch.cat((k, v))
+        return self.attend(q, kv, layer, meta, scale, sliding_window, sinks, value_dim)
+
+    def attend(self, q, kv, layer, meta, scale, sliding_window, sinks=None, value_dim=None) -> torch.Tensor:
+        """`forward` once the new tokens' K/V are in `kv` (the lockstep forward writes several
+        models' at once, layers/attention/shared_kv.py)."""
         if meta.is_decode:
             return self._decode(q, kv, layer, meta, scale, sliding_window, sinks, value_dim)
         out = q.new_empty(*q.shape[:2], value_dim or q.shape[-1])  # [T, Hq, Dv]
@@ -81,11 +86,17 @@ class TorchAttentionBackend(AttentionBackend):
         return out
 
     def _decode(self, q, kv, layer, meta: AttentionMetadata, scale, sliding_window, sinks, value_dim):
-        pages, mask, additive = self._decode_pages_and_mask(meta, sliding_window, q.dtype)
-        if sinks is None:  # SDPA turns a bool mask into this additive one on every call
-            mask = additive
+        pages = self._decode_pages_and_mask(meta, sliding_window, q.dtype)[0]
         keys, values = kv_planes(kv, pages, layer, value_dim)
         keys, values = keys.flatten(1, 2), values.flatten(1, 2)  # [B, P*PT, Hkv, D|Dv]
+        return self.attend_gathered(q, keys, values, meta, scale, sliding_window, sinks)
+
+    def attend_gathered(self, q, keys, values, meta: AttentionMetadata, scale, sliding_window, sinks=None):
+        """A decode step's attention over keys/values [B, P*PT, Hkv, D|Dv] already gathered from the
+        pages `_decode_pages_and_mask` names (the lockstep forward gathers several models' at once)."""
+        _, mask, additive = self._decode_pages_and_mask(meta, sliding_window, q.dtype)
+        if sinks is None:  # SDPA turns a bool mask into this additive one on every call
+            mask = additive
         qh = q.unsqueeze(2)  # [B, Hq, 1, D]
         kh, vh = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, S, D|Dv]
         return sdpa(qh, kh, vh, mask, scale, sinks).squeeze(2)
@@ -101,6 +112,35 @@ class TorchAttentionBackend(AttentionBackend):
             cached = torch.cat((pages, pages)), planes, torch.cat((slots, slots))
             meta.step_cache["kv_write"] = cached
         return cached
+
+    @staticmethod
+    def plan_decode_many(metas: list[AttentionMetadata], dtype: torch.dtype) -> torch.Tensor | None:
+        """`_decode_pages_and_mask` (no sliding window) of several decode steps' metadata in one
+        pass — the lockstep forward's models: one page list and one mask [sum B, max S] whose
+        rows and first S columns are each model's (the same values), not one build per model.
+        Returns the page ids [sum B * P] (each model's [B, P] row-major, in order) when it planned
+        every metadata, else None."""
+        key = ("decode", None, dtype)
+        todo = [m for m in metas if key not in m.step_cache]
+        if len(todo) < 2:
+            return None
+        num_pages = [-(-max(m.seq_lens_cpu) // m.page_tokens) for m in todo]
+        width = max(p * m.page_tokens for p, m in zip(num_pages, todo, strict=True))
+        pages = torch.cat([m.page_table[:, :p].reshape(-1) for m, p in zip(todo, num_pages, strict=True)])
+        pages = pages.long()  # [sum B * P]
+        q_pos = torch.cat([m.seq_lens for m in todo]).long() - 1  # [sum B]
+        k_pos = torch.arange(width, device=q_pos.device)
+        mask = (k_pos[None, :] <= q_pos[:, None])[:, None, None, :]  # [sum B, 1, 1, max S]
+        additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        start = at = 0
+        for m, p in zip(todo, num_pages, strict=True):
+            b, s = m.page_table.shape[0], p * m.page_tokens
+            rows, add = mask.narrow(0, start, b), additive.narrow(0, start, b)
+            if s != width:
+                rows, add = rows.narrow(3, 0, s), add.narrow(3, 0, s)
+            m.step_cache[key] = pages.narrow(0, at, b * p).view(b, p), rows, add
+            start, at = start + b, at + b * p
+        return pages if len(todo) == len(metas) else None
 
     @staticmethod
     def _decode_pages_and_mask(meta: AttentionMetadata, sliding_window: int | None, dtype: torch.dtype):
