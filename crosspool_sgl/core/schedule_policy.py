@@ -203,7 +203,9 @@ class SchedulePolicy:
                 key=lambda r: r.state is ReqState.WAITING and now < deadline[id(r)] and self.large(r)
             )
         num_running, admitting, num_prefills = len(keep) + len(in_flight), True, 0
-        reserver: Req | None = None  # the overdue request later admissions are held back for
+        # the overdue request later admissions are held back for, if it waits only for memory outside
+        # the other models' working sets (then their own requests inside them may still be admitted)
+        reserver: Req | None = None
         running_large = [self.pool_share(r) for r in started if self.large(r)]
         for i, req in enumerate(candidates):
             if step.exhausted and num_prefills and not lane_free:
@@ -212,7 +214,7 @@ class SchedulePolicy:
             overdue = now >= deadline[id(req)] and id(req) not in yielding
             if is_new and num_running >= self.args.max_running_requests:
                 continue
-            if is_new and not admitting and not self._backfills(req, reserver, headroom):
+            if is_new and not admitting and not self._inside_own_working_set(req, reserver, headroom):
                 continue
             to_lane = lane_free and self._wants_lane(req, step)
             if to_lane:  # a long prefill: a chunk of a whole step's worth, beside the decodes
@@ -238,7 +240,7 @@ class SchedulePolicy:
                     self._blocked(plan, req, future, overdue, reserve)
                     continue
                 if own_reserve is None:
-                    own_reserve = self._own_reserves(budget, [*keep, *in_flight])
+                    own_reserve = self._own_reserves(budget, started)
                 future += own_reserve.get(req.model, 0)
             if is_new and num_running and not (room and headroom.copy().try_take(req.model, future, overdue)):
                 pages = future
@@ -248,7 +250,8 @@ class SchedulePolicy:
                 pages = 0
             if pages:
                 if not self._blocked(plan, req, pages, overdue, reserve) and admitting:
-                    admitting, reserver = False, req
+                    admitting = False
+                    reserver = req if self._waits_outside_working_sets(req, budget) else None
                 continue
             if is_new:
                 headroom.try_take(req.model, future, overdue)
@@ -262,28 +265,29 @@ class SchedulePolicy:
             num_prefills += 1
         return None if plan.empty and plan.blocked is None else plan
 
-    def _backfills(self, req: Req, reserver: Req | None, headroom: PageBudget) -> bool:
-        """May `req` be admitted while later admissions are held back for the overdue `reserver`?
+    def _waits_outside_working_sets(self, req: Req, budget: PageBudget) -> bool:
+        """Does `req` fit beside every other model's working set? Then, while it reserves, it waits
+        for memory outside them (freed as the running requests end), not for theirs; otherwise it
+        needs working-set memory too and holds every later admission back (aging)."""
+        planner = budget.planner
+        if planner is None:
+            return False
+        others_ws = sum(c for m, c in planner.working_set.items() if m != req.model)
+        outside = (planner.num_chunks - others_ws) * budget.pages_per_chunk.get(req.model, 0)
+        return self.footprint_pages(req) <= outside
 
-        Yes when it takes nothing the reserver is waiting for: the reserver fits beside every other
-        model's working set (it waits for memory outside them, freed as the running requests end),
-        and `req` is another model's ordinary request inside its own model's working set. The
-        long-context trace: an overdue 6.4k-token prompt held back the warm model's short requests
-        for 1 s although it was waiting for a 12k-token prompt's memory, not for theirs."""
+    def _inside_own_working_set(self, req: Req, reserver: Req | None, headroom: PageBudget) -> bool:
+        """May `req` be admitted beside `reserver`'s reservation (backfill)? When it is another model's
+        ordinary request that fits inside its own model's working set, it takes nothing the reserver
+        waits for. The long-context trace: an overdue 6.4k-token prompt held back the warm model's
+        short requests for 1 s although it was waiting for a 12k-token prompt's memory, not theirs."""
         planner = headroom.planner
         if reserver is None or planner is None or req.model == reserver.model or self.large(req):
             return False
-        ws = planner.working_set
-        per_chunk = headroom.pages_per_chunk
-        others_ws = sum(c for m, c in ws.items() if m != reserver.model)
-        outside_ws = (planner.num_chunks - others_ws) * per_chunk.get(reserver.model, 0)
-        if self.footprint_pages(reserver) > outside_ws:
-            return False  # it needs working-set memory too: a full reservation (aging)
+        per_chunk = headroom.pages_per_chunk.get(req.model, 0)
         mine = headroom.owned.get(req.model, 0) - planner.large_held.get(req.model, 0)
-        inside = headroom.spare_pages.get(req.model, 0) + max(0, ws.get(req.model, 0) - mine) * per_chunk.get(
-            req.model, 0
-        )
-        return self.future_pages(req) <= inside
+        uncovered = max(0, planner.working_set.get(req.model, 0) - mine)
+        return self.future_pages(req) <= headroom.spare_pages.get(req.model, 0) + uncovered * per_chunk
 
     def yields(self, req: Req, now: float) -> bool:
         """Does this running request's prefill yield memory to the others?

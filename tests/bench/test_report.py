@@ -67,9 +67,10 @@ def test_write_report_files(tmp_path: Path) -> None:
     assert (tmp_path / "mm_test_raw.json.gz").read_bytes() == first  # reproducible: no gzip timestamp
 
 
-def test_scrub_paths_longest_prefix_first() -> None:
-    pairs = [("/home/u", "~"), ("/home/u/.cache/tiny", "<tiny-models>"), ("/tmp", "<tmp>")]
-    obj = {"a": ["/home/u/.cache/tiny/llama", ("x /tmp/bench_1/log", 3)], "/home/u/k": None}
+def test_scrub_paths_longest_prefix_first(tmp_path: Path) -> None:
+    home, tmp = f"{tmp_path}/u", f"{tmp_path}/t"  # a home and a temp dir, nested in one another's way
+    pairs = [(home, "~"), (f"{home}/.cache/tiny", "<tiny-models>"), (tmp, "<tmp>")]
+    obj = {"a": [f"{home}/.cache/tiny/llama", (f"x {tmp}/bench_1/log", 3)], f"{home}/k": None}
     assert scrub_paths(obj, pairs) == {"a": ["<tiny-models>/llama", ["x <tmp>/bench_1/log", 3]], "~/k": None}
 
 
