@@ -4,7 +4,7 @@ It is the only place that allocates or frees KV pages. The loop is::
 
     match_prefixes(waiting)                # reuse cached pages (prefix cache)
     plan = policy.next_batch(waiting, running, page_budget(kv_pool))
-    if plan.blocked: reclaim(); re-plan    # cached prefixes of idle, then busy models
+    if plan.blocked: reclaim(); re-plan    # cached prefixes, until the plan seats it (core/reclaim.py)
     apply(plan)                            # retract (preempt), allocate
     postprocess(plan, runner.run(plan.items))
 
@@ -23,6 +23,7 @@ from concurrent.futures import wait as wait_futures
 
 from crosspool_sgl.core.model_runner import ModelRunner, StepResult
 from crosspool_sgl.core.prefill_lane import PrefillLane
+from crosspool_sgl.core.reclaim import CacheReclaimer
 from crosspool_sgl.core.req import Req, ReqOutput, ReqState
 from crosspool_sgl.core.schedule_policy import BatchPlan, SchedulePolicy, pages_for
 from crosspool_sgl.layers.grammar import GrammarCompiler, InvalidGrammarError
@@ -108,6 +109,7 @@ class MultiModelScheduler:
         self.kv_pool = kv_pool
         self.prefix_cache = prefix_cache or PrefixCache(kv_pool, enabled=False)
         self.counters: dict[str, dict[str, int]] = {}  # decision -> model -> count (for /metrics)
+        self.reclaimer = CacheReclaimer(kv_pool, self.prefix_cache, lambda m, n: self._count("reclaim", m, n))
         self.policy = policy
         self.eos_ids = eos_ids
         self.context_lens = context_lens
@@ -182,9 +184,14 @@ class MultiModelScheduler:
         lane_free = self.lane is not None and not self.lane.busy
         plan = self.policy.next_batch(waiting, running, page_budget(self.kv_pool), now, lane_free, in_lane)
         if plan is not None and plan.blocked is not None:
-            if self._reclaim_for_any(plan):
-                budget = page_budget(self.kv_pool)
-                plan = self.policy.next_batch(waiting, running, budget, now, lane_free, in_lane)
+            replanned = self.reclaimer.reclaim(
+                plan,
+                lambda budget: self.policy.next_batch(waiting, running, budget, now, lane_free, in_lane),
+                busy=set(models_with_requests(self.running, self.waiting)),
+                pinned=self._pinned_pages(),
+                unpin=self._unpin_waiting,
+            )
+            plan = plan if replanned is None else replanned
         items: list[tuple[Req, int]] = []
         if plan is None or plan.empty:
             if self.lane is None or not self.lane.busy:
@@ -268,66 +275,19 @@ class MultiModelScheduler:
                 req.num_cached = len(req.pages) * self.kv_pool.page_tokens
                 req.cached_tokens = max(req.cached_tokens, min(req.num_cached, len(req.input_ids)))
 
+    def _pinned_pages(self) -> dict[str, int]:
+        """Per model, cached pages that waiting requests hold only as matched prefixes."""
+        pinned: dict[str, int] = {}
+        for req in self.waiting:
+            if req.pages:
+                pinned[req.model] = pinned.get(req.model, 0) + len(req.pages)
+        return pinned
+
     def _unpin_waiting(self, keep: Req | None = None) -> None:
         """Let waiting requests (other than `keep`) drop their matched prefixes so they become evictable."""
         for req in self.waiting:
             if req is not keep and req.pages:
                 self._release_pages(req)
-
-    def _reclaim(self, blocked: Req, pages: int, overdue: bool = False) -> bool:
-        """Evict cached prefixes — idle models first, then busy ones — until `blocked` fits.
-
-        All or nothing: when even evicting every unreferenced prefix would not let `blocked`
-        fit (the pool is held by requests, or other models' working sets protect it), nothing
-        is evicted. Evicting a busy model's cache page by page for a request that still cannot
-        run was the thrash of the long-context trace ("reclaim 8 cached pages of <warm model>
-        (busy)" many times a second while nothing got admitted).
-        """
-        pinned = any(r.pages for r in self.waiting if r is not blocked)
-        if not pinned and not self.prefix_cache.evictable_pages():
-            return False  # nothing to win back: skip the per-model scans on this (frequent) path
-        if not self._fits_after_reclaim(blocked, pages, overdue):
-            return False
-        self._unpin_waiting(keep=blocked)
-        busy = {r.model for r in self.running} | {r.model for r in self.waiting}
-        order = sorted(self.kv_pool.views, key=lambda m: (m in busy, m != blocked.model))
-        evicted_any = False
-        for model in order:
-            batch = max(pages, self.kv_pool.chunk_bytes // self.kv_pool.page_bytes(model))
-            while self.prefix_cache.evictable_pages(model):
-                if page_budget(self.kv_pool).try_take(blocked.model, pages, overdue):
-                    return evicted_any
-                n = self.prefix_cache.evict(model, batch)
-                self._count("reclaim", model, n)
-                logger.info(
-                    "reclaim %d cached pages of %s (%s) for %s",
-                    n,
-                    model,
-                    "busy" if model in busy else "idle",
-                    blocked.model,
-                )
-                evicted_any = True
-        return evicted_any
-
-    def _reclaim_for_any(self, plan: BatchPlan, limit: int = 4) -> bool:
-        """Reclaim for the first of the blocked requests (overdue one first) that reclaiming can seat."""
-        tried = [(*plan.blocked, plan.blocked_overdue)] + [
-            b for b in plan.also_blocked if b[0] is not plan.blocked[0]
-        ]
-        return any(self._reclaim(req, pages, overdue) for req, pages, overdue in tried[:limit])
-
-    def _fits_after_reclaim(self, blocked: Req, pages: int, overdue: bool) -> bool:
-        """Would `blocked` fit if every unreferenced cached page (pinned ones included) were freed?"""
-        trial = page_budget(self.kv_pool)
-        cached: dict[str, int] = {m: self.prefix_cache.evictable_pages(m) for m in self.kv_pool.views}
-        for req in self.waiting:
-            if req is not blocked and req.pages:
-                cached[req.model] = cached.get(req.model, 0) + len(req.pages)
-        for model, n in cached.items():
-            chunks = n * self.kv_pool.page_bytes(model) // self.kv_pool.chunk_bytes
-            trial.free_chunks += chunks
-            trial.owned[model] = max(trial.owned.get(model, 0) - chunks, 0)
-        return trial.try_take(blocked.model, pages, overdue)
 
     def request_pages(self, model: str | None = None) -> int:
         """KV pages held by requests (allocated pages minus unreferenced cached prefixes)."""
