@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import importlib
 import multiprocessing as mp
+import os
 import threading
 import time
 from typing import Any
 
+from crosspool_sgl.managers.process_liveness import process_running
 from crosspool_sgl.server_args import ServerArgs
 
 # The children's entry points, named rather than imported: importing them here would import SGLang
@@ -37,7 +39,15 @@ def start_context(args: ServerArgs) -> Any:
 
 
 def run_child(entry: str, *args: Any, **kwargs: Any) -> None:
-    """A child's first call (pickled by name): import `module:function` and run it."""
+    """A child's first call (pickled by name): leave the launcher's process group, import
+    `module:function` and run it.
+
+    Own process group: a signal sent to the launcher's whole group (systemd's default
+    `KillMode=control-group`, `kill -TERM -<pgid>`, Ctrl-C in a terminal) reaches only the launcher,
+    which drains in-flight requests and then stops the children in order. Before, the scheduler
+    stopped at once with the launcher, the in-flight requests failed and the watchdog logged its
+    death as an error. The children still exit with the launcher when it dies (they watch it)."""
+    os.setpgrp()
     module, _, function = entry.partition(":")
     getattr(importlib.import_module(module), function)(*args, **kwargs)
 
@@ -101,7 +111,12 @@ class ChildProcesses:
                 if name in ready:
                     continue
                 if pipe.poll(0.2):
-                    msg = pipe.recv()
+                    try:
+                        msg = pipe.recv()
+                    except EOFError:  # it died before reporting (its traceback is in the log above)
+                        self.procs[name].join(5)
+                        code = self.procs[name].exitcode
+                        raise StartupError(f"{name} process exited with code {code} while starting") from None
                     if msg.get("status") != "ready":
                         raise StartupError(f"{name} failed to start: {msg.get('message')}")
                     ready[name] = msg
@@ -131,11 +146,13 @@ class ChildProcesses:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
-        _kill_leftovers(self.ffn_pids)
+        # a join returns at once when the fork server is gone (see watchdog.mp_probe): ask the OS
+        _kill_leftovers([p.pid for p in started if process_running(p.pid)] + self.ffn_pids)
 
 
 def _kill_leftovers(pids: list[int]) -> None:
-    """FFN workers left behind by a scheduler that was killed (they would exit on their own, later)."""
+    """Children still running after stop() (FFN workers of a scheduler that was killed; children of
+    a fork server that died): they would exit on their own, later."""
     import psutil
 
     procs = []

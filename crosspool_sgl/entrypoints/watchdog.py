@@ -13,6 +13,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from crosspool_sgl.managers.process_liveness import process_running
+
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.1  # a death is seen within this; polling is a waitpid/stat per child, no I/O
@@ -32,10 +34,14 @@ class ProcessProbe:
 
 
 def mp_probe(name: str, proc: Any) -> ProcessProbe:
-    """A multiprocessing child of this process."""
+    """A multiprocessing child of this process.
+
+    `is_alive()` alone is not the child's state when it was forked by a fork server: the status
+    comes over the fork server's pipe (see managers/process_liveness.py), so the OS is asked too.
+    """
 
     def gone() -> str | None:
-        if proc.is_alive():
+        if proc.is_alive() or process_running(proc.pid):
             return None
         return f"the {name} process (pid {proc.pid}) {describe_exit(proc.exitcode)}"
 

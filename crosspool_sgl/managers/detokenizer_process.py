@@ -22,6 +22,7 @@ import multiprocessing as mp
 import os
 import signal
 import threading
+import time
 from array import array
 from typing import Any
 
@@ -30,6 +31,7 @@ from sglang.srt.managers.io_struct import BatchStrOutput
 from sglang.srt.server_args import PortArgs, ServerArgs
 
 from crosspool_sgl.managers.io_struct import MultiModelBatchTokenIDOutput, with_unset_fields
+from crosspool_sgl.managers.process_liveness import LauncherWatch
 
 logger = logging.getLogger(__name__)
 
@@ -116,13 +118,14 @@ def detokenizer_port_args(recv_addr: str, send_addr: str) -> PortArgs:
 def exit_with_launcher() -> None:
     """Exit when the launcher does. prctl's parent-death signal (SGLang's `kill_itself_when_parent_died`)
     follows the OS parent, which is the fork server when the children are forked from one
-    (entrypoints/children.py), and that server lives as long as we do: watch the launcher itself."""
-    launcher = mp.parent_process()
-    if launcher is None:
+    (entrypoints/children.py): watch the launcher itself, by pid (managers/process_liveness.py)."""
+    launcher = LauncherWatch()
+    if launcher.pid is None:
         return
 
     def watch() -> None:
-        launcher.join()
+        while launcher.alive():
+            time.sleep(launcher.period_s)
         os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-launcher", daemon=True).start()
@@ -145,7 +148,8 @@ def run_detokenizer_process(
     from sglang.srt.utils import kill_itself_when_parent_died
     from transformers import AutoTokenizer
 
-    kill_itself_when_parent_died()
+    if mp.parent_process() is None or os.getppid() == mp.parent_process().pid:
+        kill_itself_when_parent_died()  # the OS parent is the launcher (spawned, not forked by a server)
     exit_with_launcher()
     try:
         server_args = detokenizer_server_args(model_paths)

@@ -17,7 +17,6 @@ so SGLang's DetokenizerManager can decode them.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import signal
 from collections.abc import Sized
 from typing import Any
@@ -38,6 +37,7 @@ from crosspool_sgl.managers.io_struct import (
     TokenizedGenerateReqInput,
 )
 from crosspool_sgl.managers.io_struct import SamplingParams as SGLangSamplingParams
+from crosspool_sgl.managers.process_liveness import LauncherWatch
 from crosspool_sgl.managers.token_id_output import DetokenizeOptions, TokenIdOutputs
 from crosspool_sgl.runtime import Runtime, build_runtime, usable_cores
 from crosspool_sgl.sampling_params import InvalidRequestError, SamplingParams
@@ -71,12 +71,12 @@ class SchedulerServer:
         }
 
     def event_loop(self) -> None:
-        parent = mp.parent_process()
+        launcher = LauncherWatch()
         while not self.stopping:
             for msg in self.recv_all(block=not self.scheduler.has_work()):
                 self.handle(msg)
             self.send_outputs(self.safe_step())  # also polls weights residency, idle or not
-            if parent is not None and not parent.is_alive():
+            if not launcher.alive():
                 logger.warning("parent process is gone; scheduler exits")
                 return
 

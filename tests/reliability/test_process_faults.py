@@ -34,7 +34,10 @@ class Launcher:
         self.log = log
         with open(log, "wb") as f:
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+            # its own session: a signal to its process group reaches none of the test's processes
+            self.proc = subprocess.Popen(
+                cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         deadline = time.monotonic() + 180
         while True:
             assert self.proc.poll() is None, log.read_text()[-3000:]
@@ -120,7 +123,10 @@ def test_ffn_worker_killed(llama, tmp_path):
     srv.assert_exits_nonzero_naming("FFN worker 0")
 
 
-def test_sigterm_drains_in_flight_requests(llama, tmp_path):
+@pytest.mark.parametrize("to", ["launcher", "process group"])
+def test_sigterm_drains_in_flight_requests(llama, tmp_path, to):
+    """SIGTERM to the launcher, or to its whole process group as systemd sends it: the request in
+    flight still completes, the launcher exits 0 and reports no child's death."""
     srv = Launcher(llama, tmp_path / "log", "--shutdown-grace", "30")
     out: dict = {}
 
@@ -134,11 +140,15 @@ def test_sigterm_drains_in_flight_requests(llama, tmp_path):
         requests.get(srv.url + "/get_server_info", timeout=5).json()["kv_pool"]["used_pages"].values()
     ):
         time.sleep(0.02)
-    srv.proc.send_signal(signal.SIGTERM)
+    if to == "launcher":
+        srv.proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(srv.proc.pid, signal.SIGTERM)
     t.join(timeout=60)
     assert out["resp"].status_code == 200, out["resp"].text
     assert out["resp"].json()["usage"]["completion_tokens"] == 200
-    assert srv.proc.wait(timeout=30) == 0
+    assert srv.proc.wait(timeout=30) == 0, srv.log.read_text()[-3000:]
+    assert "error: the" not in srv.log.read_text()
     srv.assert_no_orphans()
 
 
