@@ -7,11 +7,13 @@ the parent is gone, so a killed launcher leaves no orphan.
 
 The wire is SGLang's both ways (`sock_recv`/`sock_send`): in come SGLang's
 `TokenizedGenerateReqInput` (ours adds the model: `MultiModelTokenizedGenerateReqInput`; a plain one
-is for the first model), `AbortReq`, `FlushCacheReqInput` and `GetInternalStateReq`. `core_request`
-turns SGLang's request into the engine core's `Req` (the core never sees an SGLang type). Out go
-`FlushCacheReqOutput`, `GetInternalStateReqOutput` (our per-model pool usage) and the core's
-`ReqOutput`s as SGLang's `BatchTokenIDOutput`, one per model per step (`managers/token_id_output.py`),
-so SGLang's DetokenizerManager can decode them.
+is for the first model; `BatchTokenizedGenerateReqInput` holds several), `AbortReq`,
+`FlushCacheReqInput` and `GetInternalStateReq`. `core_request` turns SGLang's request into the
+engine core's `Req` (the core never sees an SGLang type). Out go `FlushCacheReqOutput`,
+`GetInternalStateReqOutput` (our per-model pool usage) and the core's `ReqOutput`s as SGLang's
+`BatchTokenIDOutput`, one per model and destination per step (`token_id_output.py`), so SGLang's
+DetokenizerManager can decode them. Every reply carries the `http_worker_ipc` its request came with
+(SGLang's routing field: a `ModelTokenizerManager`'s own address; None for the one default).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""The engine core's `ReqOutput`s -> SGLang's `BatchTokenIDOutput`, one message per model per step.
+"""The engine core's `ReqOutput`s -> SGLang's `BatchTokenIDOutput`, one message per model and
+destination per step (the destination: the `http_worker_ipc` the request came with, that is the
+`ModelTokenizerManager` that sent it; None for the one default tokenizer socket).
 
 What SGLang's scheduler sends its detokenizer (its `output_streamer.py`), built from our outputs:
 - `decode_ids`: the step's new token ids, `read_offsets` 0 and `decoded_texts` "" on the first
