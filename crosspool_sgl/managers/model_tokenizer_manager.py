@@ -78,13 +78,12 @@ class ModelTokenizerManager(TokenizerManager):
             super().__init__(server_args, model_port_args(addresses), start_pd_bootstrap_service=False)
 
     def init_ipc_channels(self, port_args: PortArgs) -> None:
-        self.zmq_context = zmq.asyncio.Context(2)
-        self.recv_from_detokenizer = get_zmq_socket(
-            self.zmq_context, zmq.PULL, port_args.tokenizer_ipc_name, True
-        )
-        self.send_to_scheduler = get_zmq_socket(
-            self.zmq_context, zmq.PUSH, port_args.scheduler_input_ipc_name, False
-        )
+        # The process's one asyncio context, not one per manager as SGLang's: a manager dropped
+        # without close() (a failed start) otherwise hung the process in its context's __del__
+        # (zmq_term waits for sockets the garbage collector had not closed yet).
+        context = zmq.asyncio.Context.instance()
+        self.recv_from_detokenizer = get_zmq_socket(context, zmq.PULL, port_args.tokenizer_ipc_name, True)
+        self.send_to_scheduler = get_zmq_socket(context, zmq.PUSH, port_args.scheduler_input_ipc_name, False)
         # SGLang's `_dispatch_to_scheduler` stamps this on every request and control message.
         self.tokenizer_ipc_name = port_args.tokenizer_ipc_name
         self.load_snapshot_reader = None  # DP load reports (/v1/loads): our scheduler writes none
@@ -104,4 +103,5 @@ class ModelTokenizerManager(TokenizerManager):
         await asyncio.gather(*tasks, return_exceptions=True)
         self.asyncio_tasks.clear()
         self.event_loop = None
-        self.zmq_context.destroy(linger=0)
+        for sock in (self.recv_from_detokenizer, self.send_to_scheduler):
+            sock.close(linger=0)
