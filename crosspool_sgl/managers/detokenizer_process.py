@@ -9,7 +9,12 @@ The subclass overrides only what several models need:
   `MultiModelBatchTokenIDOutput` per model per step), and fails that message's requests with a 500
   instead of ending the process when decoding raises;
 - `init_request_dispatcher`: control replies (`FlushCacheReqOutput`, `GetInternalStateReqOutput`)
-  pass through to the tokenizer side unchanged.
+  pass through to the tokenizer side unchanged;
+- `event_loop`: SGLang's loop, sending each output to the `http_worker_ipc` the message names
+  one (each model's `ModelTokenizerManager` binds its own address; the scheduler sends one message per
+  model and destination per step, so a message is never split), else to the one tokenizer socket
+  (`MultiModelTokenizerManager`). SGLang's own fan-out (`multi_http_worker_event_loop`) needs every
+  message to name a destination; this one serves both front ends.
 
 Its constructor needs a published SGLang config (role "detokenizer", model-independent serving
 flags) and a `PortArgs`, of which only the two socket names are read: we build both.
@@ -27,7 +32,8 @@ from array import array
 from typing import Any
 
 from sglang.srt.managers.detokenizer_manager import DetokenizerManager
-from sglang.srt.managers.io_struct import BatchStrOutput
+from sglang.srt.managers.io_struct import BaseBatchReq, BaseReq, BatchStrOutput, sock_recv, sock_send
+from sglang.srt.managers.multi_tokenizer_mixin import SocketMapping
 from sglang.srt.server_args import PortArgs, ServerArgs
 
 from crosspool_sgl.managers.io_struct import MultiModelBatchTokenIDOutput, with_unset_fields
@@ -52,6 +58,20 @@ class MultiModelDetokenizerManager(DetokenizerManager):
     def init_request_dispatcher(self) -> None:
         super().init_request_dispatcher()
         self._request_dispatcher.add_fallback_fn(lambda msg: msg)  # control replies: forward as they are
+
+    def event_loop(self) -> None:
+        """SGLang's loop (watchdog included); the output goes where `destination` says."""
+        self.socket_mapping = SocketMapping()
+        while True:
+            with self.soft_watchdog.disable():
+                recv_obj = sock_recv(self.recv_from_scheduler)
+            output = self._request_dispatcher(recv_obj)
+            for dest in destinations(output) if output is not None else ():
+                if dest is None:
+                    sock_send(self.send_to_tokenizer, output)
+                else:
+                    self.socket_mapping.send_output(dest, output, is_tokenizer=True)
+            self.soft_watchdog.feed()
 
     def use_model(self, model: str) -> None:
         self.tokenizer = self.tokenizers[model]
@@ -86,6 +106,21 @@ class MultiModelDetokenizerManager(DetokenizerManager):
             reasoning_tokens=[0] * n,
             cached_tokens=list(recv_obj.cached_tokens),
         )
+
+
+def destinations(output: Any) -> list[str | None]:
+    """The tokenizer-side addresses an output is for: its `http_worker_ipc`(s); None is the default.
+
+    The scheduler sends one destination per message. Should a message name several, each of them
+    gets all of it (a manager skips rows it does not know) rather than the process ending."""
+    if isinstance(output, BaseReq):
+        return [output.http_worker_ipc]
+    if isinstance(output, BaseBatchReq):
+        dests = list(dict.fromkeys(output.http_worker_ipcs or [None]))
+        if len(dests) > 1:
+            logger.error("one message for %d tokenizer managers: sent to each", len(dests))
+        return dests
+    return [None]
 
 
 def _vocab_size(tokenizer: Any) -> int | None:

@@ -4,7 +4,9 @@
                   GetInternalStateReq--> scheduler
     scheduler   --MultiModelBatchTokenIDOutput*, FlushCacheReqOutput,
                   GetInternalStateReqOutput--> detokenizer
-    detokenizer --BatchStrOutput, the control replies unchanged--> tokenizer
+    detokenizer --BatchStrOutput, the control replies unchanged--> tokenizer (the `http_worker_ipc`
+                  the request or control message came with, when it names one: the per-model
+                  ModelTokenizerManager's own address)
     (* SGLang's struct plus a `model` field; every other class is SGLang's own, re-exported here)
 
 Every hop uses SGLang's `sock_send`/`sock_recv`, so the wire format is SGLang's: pickle by default
@@ -16,7 +18,7 @@ Ours, and why: SGLang's server serves one model, so neither its request nor its 
 - `MultiModelTokenizedGenerateReqInput`: SGLang's `TokenizedGenerateReqInput` (its `SamplingParams`,
   normalised as SGLang's TokenizerManager leaves it) plus the model it is for.
 - `MultiModelBatchTokenIDOutput`: SGLang's `BatchTokenIDOutput` plus the `model` its rows belong
-  to (one message per model per step), which picks the detokenizer's tokenizer.
+  to (one message per model and destination per step), which picks the detokenizer's tokenizer.
 `GetInternalStateReqOutput.internal_state` carries the per-model pool usage behind /get_server_info
 and /metrics (SGLang's carries its one scheduler's state).
 """
@@ -30,6 +32,7 @@ from sglang.srt.managers.io_struct import (
     AbortReq,
     BatchStrOutput,
     BatchTokenIDOutput,
+    BatchTokenizedGenerateReqInput,
     FlushCacheReqInput,
     FlushCacheReqOutput,
     GetInternalStateReq,
@@ -44,6 +47,7 @@ __all__ = [
     "AbortReq",
     "BatchStrOutput",
     "BatchTokenIDOutput",
+    "BatchTokenizedGenerateReqInput",
     "FlushCacheReqInput",
     "FlushCacheReqOutput",
     "GetInternalStateReq",

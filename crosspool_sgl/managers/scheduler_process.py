@@ -7,11 +7,13 @@ the parent is gone, so a killed launcher leaves no orphan.
 
 The wire is SGLang's both ways (`sock_recv`/`sock_send`): in come SGLang's
 `TokenizedGenerateReqInput` (ours adds the model: `MultiModelTokenizedGenerateReqInput`; a plain one
-is for the first model), `AbortReq`, `FlushCacheReqInput` and `GetInternalStateReq`. `core_request`
-turns SGLang's request into the engine core's `Req` (the core never sees an SGLang type). Out go
-`FlushCacheReqOutput`, `GetInternalStateReqOutput` (our per-model pool usage) and the core's
-`ReqOutput`s as SGLang's `BatchTokenIDOutput`, one per model per step (`managers/token_id_output.py`),
-so SGLang's DetokenizerManager can decode them.
+is for the first model; `BatchTokenizedGenerateReqInput` holds several), `AbortReq`,
+`FlushCacheReqInput` and `GetInternalStateReq`. `core_request` turns SGLang's request into the
+engine core's `Req` (the core never sees an SGLang type). Out go `FlushCacheReqOutput`,
+`GetInternalStateReqOutput` (our per-model pool usage) and the core's `ReqOutput`s as SGLang's
+`BatchTokenIDOutput`, one per model and destination per step (`token_id_output.py`), so SGLang's
+DetokenizerManager can decode them. Every reply carries the `http_worker_ipc` its request came with
+(SGLang's routing field: a `ModelTokenizerManager`'s own address; None for the one default).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from sglang.srt.sampling.sampling_params import TOP_K_ALL
 from crosspool_sgl.core.req import Req, ReqOutput
 from crosspool_sgl.managers.io_struct import (
     AbortReq,
+    BatchTokenizedGenerateReqInput,
     FlushCacheReqInput,
     FlushCacheReqOutput,
     GetInternalStateReq,
@@ -65,6 +68,7 @@ class SchedulerServer:
         self.dispatch = {
             MultiModelTokenizedGenerateReqInput: self.handle_generate,
             TokenizedGenerateReqInput: self.handle_generate,
+            BatchTokenizedGenerateReqInput: self.handle_generate_batch,
             AbortReq: self.handle_abort,
             FlushCacheReqInput: self.handle_flush_cache,
             GetInternalStateReq: self.handle_info,
@@ -109,6 +113,8 @@ class SchedulerServer:
         """Answer a request the scheduler did not (or only partly) take with an error output."""
         if self.scheduler.fail_request(msg.rid, message, status_code):
             return  # it was queued: the scheduler emits its error with the next outputs
+        if msg.rid not in self.token_id_outputs.streams:  # its error goes where it came from
+            self.token_id_outputs.add(msg.rid, DetokenizeOptions(), msg.http_worker_ipc)
         reason = {"type": "abort", "message": message, "status_code": status_code}
         prompt_len = len(msg.input_ids) if isinstance(msg.input_ids, Sized) else 0
         model = getattr(msg, "model", self.default_model)
@@ -138,7 +144,13 @@ class SchedulerServer:
             logger.info("rejected %s: %s", msg.rid, e)
             self.fail_new_request(msg, str(e), 400)
             return
-        self.token_id_outputs.add(msg.rid, DetokenizeOptions.of(req.params))
+        # Its outputs go to the manager that sent it (None: the one default destination).
+        self.token_id_outputs.add(msg.rid, DetokenizeOptions.of(req.params), msg.http_worker_ipc)
+
+    def handle_generate_batch(self, msg: BatchTokenizedGenerateReqInput) -> None:
+        """SGLang's TokenizerManager sends a batch of pre-tokenised prompts as one message."""
+        for req in msg.batch:
+            self.handle(req)
 
     def handle_abort(self, msg: AbortReq) -> None:
         if self.scheduler.abort(msg.rid):
@@ -152,11 +164,15 @@ class SchedulerServer:
         if idle:
             freed = self.scheduler.flush_cache()
             logger.info("flush_cache: %d cached prefix pages freed", freed)
-        sock_send(self.sender, FlushCacheReqOutput(rid=msg.rid, success=idle))
+        reply = FlushCacheReqOutput(rid=msg.rid, http_worker_ipc=msg.http_worker_ipc, success=idle)
+        sock_send(self.sender, reply)
 
     def handle_info(self, msg: GetInternalStateReq) -> None:
         info = scheduler_info(self.runtime)
-        sock_send(self.sender, GetInternalStateReqOutput(rid=msg.rid, internal_state=info))
+        reply = GetInternalStateReqOutput(
+            rid=msg.rid, http_worker_ipc=msg.http_worker_ipc, internal_state=info
+        )
+        sock_send(self.sender, reply)
 
 
 # ---- SGLang's request -> the engine core's ----------------------------------------------
@@ -166,7 +182,9 @@ _SERVED = frozenset(
     | {"logprob_start_len", "top_logprobs_num", "stream", "time_stats", "sampling_logprobs_mode"}
 )
 # SGLang sampling fields we do not act on: passed to our parser, which refuses them unless neutral.
-_UNSERVED_SAMPLING = ("n", "beam_width", "custom_params", "watermark", "stream_interval")
+# (`n` is not one: SGLang's TokenizerManager sends each of n samples as its own request, `n` left as
+# the client gave it, and SGLang's scheduler never reads it; nor do we.)
+_UNSERVED_SAMPLING = ("beam_width", "custom_params", "watermark", "stream_interval")
 
 
 def core_request(msg: TokenizedGenerateReqInput, default_model: str) -> Req:

@@ -1,4 +1,6 @@
-"""The engine core's `ReqOutput`s -> SGLang's `BatchTokenIDOutput`, one message per model per step.
+"""The engine core's `ReqOutput`s -> SGLang's `BatchTokenIDOutput`, one message per model and
+destination per step (the destination: the `http_worker_ipc` the request came with, that is the
+`ModelTokenizerManager` that sent it; None for the one default tokenizer socket).
 
 What SGLang's scheduler sends its detokenizer (its `output_streamer.py`), built from our outputs:
 - `decode_ids`: the step's new token ids, `read_offsets` 0 and `decoded_texts` "" on the first
@@ -52,6 +54,7 @@ class DetokenizeOptions:
 @dataclass
 class _Stream:
     options: DetokenizeOptions
+    dest: str | None = None  # the manager that sent it (SGLang's http_worker_ipc); None: the default
     tail: list[int] = field(default_factory=list)  # the last output ids, for the stop-prefix check
     held: ReqOutput | None = None  # outputs not sent yet (they end in a stop string's beginning)
 
@@ -66,21 +69,23 @@ class TokenIdOutputs:
         self.detokenizers = detokenizers  # the core's per-model tail decoders (special tokens kept)
         self.streams: dict[str, _Stream] = {}
 
-    def add(self, rid: str, options: DetokenizeOptions) -> None:
-        self.streams[rid] = _Stream(options)
+    def add(self, rid: str, options: DetokenizeOptions, dest: str | None = None) -> None:
+        self.streams[rid] = _Stream(options, dest)
 
     def forget(self, rid: str) -> None:
         self.streams.pop(rid, None)
 
     def convert(self, outputs: list[ReqOutput]) -> list[MultiModelBatchTokenIDOutput]:
-        """The step's outputs, grouped by model in order of appearance, minus those held back."""
-        by_model: dict[str, list[tuple[ReqOutput, DetokenizeOptions]]] = {}
+        """The step's outputs, grouped by model and destination in order of appearance, minus those
+        held back. One destination per message, so the detokenizer forwards it without splitting."""
+        groups: dict[tuple[str, str | None], list[tuple[ReqOutput, DetokenizeOptions]]] = {}
         for out in outputs:
             out = self.release(out)
             if out is not None:
                 stream = self.streams.pop(out.rid, None) if out.finished else self.streams.get(out.rid)
-                by_model.setdefault(out.model, []).append((out, stream.options if stream else _DEFAULT))
-        return [to_batch_token_id_output(model, rows) for model, rows in by_model.items()]
+                stream = stream or _Stream(_DEFAULT)
+                groups.setdefault((out.model, stream.dest), []).append((out, stream.options))
+        return [to_batch_token_id_output(model, rows, dest) for (model, dest), rows in groups.items()]
 
     def release(self, out: ReqOutput) -> ReqOutput | None:
         """`out` merged with what was held back for its request; None if it is held back in turn."""
@@ -129,9 +134,9 @@ def merge(held: ReqOutput, out: ReqOutput) -> ReqOutput:
 
 
 def to_batch_token_id_output(
-    model: str, rows: list[tuple[ReqOutput, DetokenizeOptions]]
+    model: str, rows: list[tuple[ReqOutput, DetokenizeOptions]], dest: str | None = None
 ) -> MultiModelBatchTokenIDOutput:
-    """One model's outputs as SGLang's parallel per-request lists."""
+    """One model's outputs for one destination as SGLang's parallel per-request lists."""
     outs = [o for o, _ in rows]
     opts = [p for _, p in rows]
     n = len(outs)
@@ -139,7 +144,7 @@ def to_batch_token_id_output(
         MultiModelBatchTokenIDOutput,
         model=model,
         rids=[o.rid for o in outs],
-        http_worker_ipcs=[None] * n,
+        http_worker_ipcs=[dest] * n,
         finished_reasons=[_finish_reason(o) for o in outs],
         decoded_texts=[""] * n,
         decode_ids=[array("q", o.new_token_ids) for o in outs],

@@ -105,6 +105,13 @@ def test_sglang_request_without_a_model_is_for_the_default_model():
     assert (req.model, req.params.max_new_tokens, req.params.top_k) == ("first", 3, -1)
 
 
+def test_one_of_n_samples_is_one_request():
+    """SGLang's TokenizerManager sends each of n samples alone with `n` as given; its scheduler
+    ignores `n`, so must we (the old tokenizer side drops it before sending)."""
+    req = core_request(_plain(sampling_params=SamplingParams(n=2, max_new_tokens=3)), "first")
+    assert (req.rid, req.params.max_new_tokens) == ("p", 3)
+
+
 @pytest.mark.parametrize(
     "fields",
     [
@@ -114,7 +121,6 @@ def test_sglang_request_without_a_model_is_for_the_default_model():
         {"custom_logit_processor": "x"},
         {"token_ids_logprob": [1]},
         {"return_hidden_states": True},
-        {"sampling_params": SamplingParams(n=2)},
         {"sampling_params": SamplingParams(stop_regex="a+")},
         {"sampling_params": SamplingParams(custom_params={"k": 1})},
         {"sampling_params": {"max_new_tokens": 3}},
