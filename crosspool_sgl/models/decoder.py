@@ -126,13 +126,16 @@ class DecoderModel:
         """`attention` from q [T, Hq, D] on, the new tokens' K/V already in `kv` (the lockstep
         forward writes several models' at once) and, for a decode step, optionally the pages'
         (keys, values) `gathered` too; a torch attention backend only."""
-        cfg = self.config
-        window = cfg.sliding_windows[i]
+        window = self.config.sliding_windows[i]
         if gathered is None:
             out = self.attn_backend.attend(q, kv, i, meta, self.scale, window, lw.sinks)
         else:
             out = self.attn_backend.attend_gathered(q, *gathered, meta, self.scale, window, lw.sinks)
-        return F.linear(out.reshape(-1, cfg.q_size), lw.o_weight, lw.o_bias)
+        return self.project_out(lw, out)
+
+    def project_out(self, lw: LayerWeights, out: torch.Tensor) -> torch.Tensor:
+        """Attention output [T, Hq, D] -> [T, H]: the o projection (not MLA)."""
+        return F.linear(out.reshape(-1, self.config.q_size), lw.o_weight, lw.o_bias)
 
     def qkv_heads(self, lw: LayerWeights, x, positions, meta) -> tuple[torch.Tensor, ...]:
         """x [T, H] -> normalised, rotated q [T, Hq, D], k and v [T, Hkv, D] (not MLA)."""
