@@ -8,7 +8,8 @@ instead walk their layers together::
         attention half of layer i of every model that has one (models with fewer layers are done)
         each model routes its FFN input with its own router: global weights-pool slot ids
         ONE FFN call over the concatenated rows: hidden widths padded to Hmax, slot lists to
-            Kmax with slot -1 / weight 0 (padding in the kernel contract, see kernels/fused_moe.py)
+            Kmax with slot -1 / weight 0 (padding in the kernel contract, see kernels/fused_moe.py),
+            the routes stacked by one indexed op per tensor (models/route_stack.py)
         add the output to the residual rows
 
 Models of one hidden size share one *residual stream*: their rows stacked, deepest model first,
@@ -46,6 +47,7 @@ from crosspool_sgl.layers.attention.torch_backend import TorchAttentionBackend
 from crosspool_sgl.layers.norm import rms_norm_rows
 from crosspool_sgl.layers.rotary import rotate_halves, stacked_tables
 from crosspool_sgl.models.decoder import DecoderModel
+from crosspool_sgl.models.route_stack import RouteLayout, stack_routes
 
 FFNFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # x, slots, weights -> out
 
@@ -108,6 +110,8 @@ class LockstepBatch:
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see _group_tables
         self._planned: dict[int, AttentionMetadata] = {}  # backend id -> the metadata it was planned for
         self._masks: dict[tuple, torch.Tensor] = {}  # see _group_mask
+        self._route_layouts: dict[tuple, RouteLayout] = {}  # per live members' route shapes
+        self._route_pads: tuple[torch.Tensor, torch.Tensor] | None = None
         by_width: dict[int, list[int]] = {}
         for j, s in enumerate(slices):
             by_width.setdefault(s.h.shape[1], []).append(j)
@@ -116,31 +120,33 @@ class LockstepBatch:
 
     def attention_and_route(self, layer: int) -> FFNBatch:
         """Layer `layer`'s attention half of every slice that has it, then the combined FFN input."""
-        live: list[int] = []
-        xs, slots, weights = [], [], []
-        self._live_rows = []
-        for st in self.streams:
-            n = st.num_live(layer)
-            self._live_rows.append(st.bounds[n - 1][1] if n else 0)
+        live_of = [(st, st.num_live(layer)) for st in self.streams]
+        live = [j for st, n in live_of for j in st.members[:n]]
+        self._live_rows = [st.bounds[n - 1][1] if n else 0 for st, n in live_of]
+        xs, routes, shapes = [], [], []
+        for st, n in live_of:
             if n:
-                live += st.members[:n]
-                xs.append(self._attention_half(st, n, layer, slots, weights))
+                xs.append(self._attention_half(st, n, layer, routes, shapes, alone=len(live) == 1))
         width = max(x.shape[1] for x in xs)
         x = xs[0] if len(xs) == 1 else torch.cat([F.pad(x, (0, width - x.shape[1])) for x in xs])
-        k = max(ids.shape[1] for ids in slots)
-        if len(slots) == 1:
-            return FFNBatch(layer, live, x, slots[0], weights[0])
-        return FFNBatch(
-            layer,
-            live,
-            x,
-            torch.cat([_pad_cols(ids.long(), k, -1) for ids in slots]),
-            torch.cat([_pad_cols(w, k, 0) for w in weights]),
-        )
+        if len(routes) == 1:
+            return FFNBatch(layer, live, x, *routes[0])
+        layout = self._route_layouts.get(tuple(shapes))
+        if layout is None:
+            layout = self._route_layouts[tuple(shapes)] = RouteLayout.build(shapes, x.device)
+        if self._route_pads is None:
+            self._route_pads = (
+                torch.tensor([-1], dtype=torch.int64, device=x.device),
+                torch.tensor([0, 1], dtype=x.dtype, device=x.device),
+            )
+        return FFNBatch(layer, live, x, *stack_routes(layout, routes, self._route_pads))
 
-    def _attention_half(self, st: ResidualStream, n: int, layer: int, slots: list, weights: list):
+    def _attention_half(
+        self, st: ResidualStream, n: int, layer: int, routes: list, shapes: list, alone: bool
+    ) -> torch.Tensor:
         """Attention of the stream's first n members (in place on its residual rows), their routes
-        appended to slots/weights; returns the FFN input [R, H] of those rows."""
+        appended to routes/shapes (`stack_routes`' inputs; a dense layer's is its slot ids unless
+        the member is `alone` in the call); returns the FFN input [R, H] of those rows."""
         members, bounds = st.members[:n], st.bounds[:n]
         rows = bounds[-1][1]
         h, eps = st.h[:rows], st.eps[:rows]
@@ -151,9 +157,14 @@ class LockstepBatch:
         x = rms_norm_rows(h, norms[1], eps)
         for j, (a, b) in zip(members, bounds, strict=True):
             model = self.slices[j].model
-            ids, w = model.ffn_routing(model.weights.layers[layer], x[a:b])
-            slots.append(ids)
-            weights.append(w)
+            lw = model.weights.layers[layer]
+            if lw.router is None and not alone:  # one slot, weight 1: nothing to compute
+                routes.append(lw.ffn_slots)
+                shapes.append((b - a, None))
+            else:
+                ids, w = model.ffn_routing(lw, x[a:b])
+                routes.append((ids, w))
+                shapes.append((b - a, ids.shape[1]))
         return x
 
     def _attention(self, st: ResidualStream, members: list[int], bounds, layer: int, x) -> list:
@@ -340,10 +351,6 @@ def _shared_kv(members: list[ModelSlice], layers: list[int]):
         return SharedKVWrite(kvs, metas, order), None
     pages = TorchAttentionBackend.plan_decode_many(metas, members[0].h.dtype)
     return SharedKVWrite(kvs, metas, order), SharedKVGather(kvs, metas, order, pages)
-
-
-def _pad_cols(x: torch.Tensor, width: int, value: float) -> torch.Tensor:
-    return x if x.shape[1] == width else F.pad(x, (0, width - x.shape[1]), value=value)
 
 
 def pool_ffn(slices: list[ModelSlice]) -> FFNFn:
