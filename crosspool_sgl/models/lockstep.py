@@ -45,6 +45,7 @@ from crosspool_sgl.layers.attention.base import AttentionMetadata
 from crosspool_sgl.layers.attention.shared_kv import SharedKVGather, SharedKVWrite, shares_arena
 from crosspool_sgl.layers.attention.torch_backend import TorchAttentionBackend
 from crosspool_sgl.layers.norm import rms_norm_rows
+from crosspool_sgl.layers.plan_cache import PlanCache, plan
 from crosspool_sgl.layers.rotary import rotate_halves, stacked_tables
 from crosspool_sgl.models.decoder import DecoderModel
 from crosspool_sgl.models.route_stack import RouteLayout, stack_routes
@@ -81,20 +82,21 @@ class FFNBatch:
 class ResidualStream:
     """The stacked residual rows of the slices of one hidden size, deepest model first."""
 
-    def __init__(self, slices: list[ModelSlice], members: list[int]) -> None:
+    def __init__(self, slices: list[ModelSlice], members: list[int], plans: PlanCache | None) -> None:
         self.members = sorted(members, key=lambda j: -slices[j].model.config.num_layers)  # stable
         self.bounds: list[tuple[int, int]] = []  # rows [start, end) of each member
-        eps: list[float] = []
+        eps: list[tuple[float, int]] = []  # per member: (its norms' eps, its rows)
         for j in self.members:
             rows = slices[j].h.shape[0]
             start = self.bounds[-1][1] if self.bounds else 0
             self.bounds.append((start, start + rows))
-            eps += [slices[j].model.config.rms_norm_eps] * rows
+            eps.append((slices[j].model.config.rms_norm_eps, rows))
         self.layers = [slices[j].model.config.num_layers for j in self.members]
         first = slices[self.members[0]].h  # one member: its embedding is the stream (updated in place)
         self.h = torch.cat([slices[j].h for j in self.members]) if len(self.members) > 1 else first
-        self.eps = torch.tensor(eps, dtype=torch.float32, device=first.device)[:, None]  # [R, 1]
-        self.kv_write, self.kv_gather = _shared_kv([slices[j] for j in self.members], self.layers)
+        key = ("eps", tuple(eps), first.device)
+        self.eps = plan(plans, key, lambda: _eps_column(eps, first.device))  # [R, 1]
+        self.kv_write, self.kv_gather = _shared_kv([slices[j] for j in self.members], self.layers, plans)
 
     def num_live(self, layer: int) -> int:
         """Members that have layer `layer` (a prefix: members are sorted by depth)."""
@@ -104,18 +106,18 @@ class ResidualStream:
 class LockstepBatch:
     """Drives a list of model slices through their layers, one layer index at a time."""
 
-    def __init__(self, slices: list[ModelSlice]) -> None:
+    def __init__(self, slices: list[ModelSlice], plans: PlanCache | None = None) -> None:
         self.slices = slices
+        self.plans = plans  # structure plans kept across steps (the runner's), see layers/plan_cache.py
         self.num_layers = max((s.model.config.num_layers for s in slices), default=0)
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see _group_tables
         self._planned: dict[int, AttentionMetadata] = {}  # backend id -> the metadata it was planned for
         self._masks: dict[tuple, torch.Tensor] = {}  # see _group_mask
-        self._route_layouts: dict[tuple, RouteLayout] = {}  # per live members' route shapes
         self._route_pads: tuple[torch.Tensor, torch.Tensor] | None = None
         by_width: dict[int, list[int]] = {}
         for j, s in enumerate(slices):
             by_width.setdefault(s.h.shape[1], []).append(j)
-        self.streams = [ResidualStream(slices, members) for members in by_width.values()]
+        self.streams = [ResidualStream(slices, members, plans) for members in by_width.values()]
         self._live_rows: list[int] = []  # per stream: rows that ran the current layer
 
     def attention_and_route(self, layer: int) -> FFNBatch:
@@ -131,9 +133,8 @@ class LockstepBatch:
         x = xs[0] if len(xs) == 1 else torch.cat([F.pad(x, (0, width - x.shape[1])) for x in xs])
         if len(routes) == 1:
             return FFNBatch(layer, live, x, *routes[0])
-        layout = self._route_layouts.get(tuple(shapes))
-        if layout is None:
-            layout = self._route_layouts[tuple(shapes)] = RouteLayout.build(shapes, x.device)
+        key = ("routes", tuple(shapes), x.device)
+        layout = plan(self.plans, key, lambda: RouteLayout.build(shapes, x.device))
         if self._route_pads is None:
             self._route_pads = (
                 torch.tensor([-1], dtype=torch.int64, device=x.device),
@@ -291,6 +292,7 @@ class LockstepBatch:
                 [self.slices[j].positions for j in group],
                 [qk.shape[1] for qk in qks],
                 dtype,
+                self.plans,
             )
         cos, sin = self._rope_tables[key]
         return (cos, sin) if cos.shape[0] == rows else (cos[:rows], sin[:rows])
@@ -334,7 +336,13 @@ class LockstepBatch:
             self._planned[id(backend)] = s.meta
 
 
-def _shared_kv(members: list[ModelSlice], layers: list[int]):
+def _eps_column(eps: list[tuple[float, int]], device: torch.device) -> torch.Tensor:
+    """[R, 1] each row's own model's RMSNorm eps ((eps, rows) per member)."""
+    rows = [e for e, n in eps for _ in range(n)]
+    return torch.tensor(rows, dtype=torch.float32, device=device)[:, None]
+
+
+def _shared_kv(members: list[ModelSlice], layers: list[int], plans: PlanCache | None):
     """The stream's one-copy K/V write (and, for a decode step, one-op page gather) when two or
     more members attend with the torch backend (which can attend after the write) on views of one
     arena; (None, None): each member writes and gathers its own."""
@@ -348,9 +356,9 @@ def _shared_kv(members: list[ModelSlice], layers: list[int]):
         return None, None
     order = [[j for j, n in enumerate(layers) if n > i] for i in range(max(layers))]  # live prefixes
     if not all(m.is_decode for m in metas):
-        return SharedKVWrite(kvs, metas, order), None
+        return SharedKVWrite(kvs, metas, order, plans), None
     pages = TorchAttentionBackend.plan_decode_many(metas, members[0].h.dtype)
-    return SharedKVWrite(kvs, metas, order), SharedKVGather(kvs, metas, order, pages)
+    return SharedKVWrite(kvs, metas, order, plans), SharedKVGather(kvs, metas, order, pages, plans)
 
 
 def pool_ffn(slices: list[ModelSlice]) -> FFNFn:
@@ -363,11 +371,14 @@ def pool_ffn(slices: list[ModelSlice]) -> FFNFn:
 
 
 @torch.inference_mode()
-def lockstep_forward(slices: list[ModelSlice], ffn: FFNFn | None = None) -> list[torch.Tensor]:
-    """Every slice's final-normed hidden states [T, H], with one `ffn` call per layer index."""
+def lockstep_forward(
+    slices: list[ModelSlice], ffn: FFNFn | None = None, plans: PlanCache | None = None
+) -> list[torch.Tensor]:
+    """Every slice's final-normed hidden states [T, H], with one `ffn` call per layer index; `plans`
+    keeps the index tensors of the batch's structure for the next step of the same structure."""
     if not slices:
         return []
-    batch = LockstepBatch(slices)
+    batch = LockstepBatch(slices, plans)
     ffn = ffn or pool_ffn(slices)
     for layer in range(batch.num_layers):
         step = batch.attention_and_route(layer)

@@ -30,9 +30,7 @@ import math
 import torch
 
 from crosspool_sgl.layers.attention.base import AttentionMetadata
-
-# row layouts per (device, batch structure): decode steps repeat the same structure every step
-_LAYOUTS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]] = {}
+from crosspool_sgl.layers.plan_cache import PlanCache, plan
 
 
 def shares_arena(kvs: list[torch.Tensor]) -> bool:
@@ -53,10 +51,17 @@ class SharedKVWrite:
     """The K/V writes of models whose views share one arena, one indexed copy per layer index.
 
     `order[i]` lists the models (indices into `kvs`/`metas`) live at layer index i, in the
-    order `write` receives their K and V.
+    order `write` receives their K and V. The row layout of a batch structure comes from `plans`
+    when given (decode steps repeat their structure).
     """
 
-    def __init__(self, kvs: list[torch.Tensor], metas: list[AttentionMetadata], order: list[list[int]]):
+    def __init__(
+        self,
+        kvs: list[torch.Tensor],
+        metas: list[AttentionMetadata],
+        order: list[list[int]],
+        plans: PlanCache | None = None,
+    ):
         assert shares_arena(kvs), "a shared K/V write needs two-plane views of one arena"
         widths = [kv.shape[4] * kv.shape[5] for kv in kvs]  # Hkv * D
         self.g = math.gcd(*widths)
@@ -64,11 +69,7 @@ class SharedKVWrite:
         geo = tuple((kv.shape[1], kv.shape[3], w // self.g) for kv, w in zip(kvs, widths, strict=True))
         tokens = tuple(m.write_pages.shape[0] for m in metas)
         key = (str(kvs[0].device), self.g, geo, tokens, tuple(map(tuple, order)))
-        layout = _LAYOUTS.get(key)
-        if layout is None:
-            if len(_LAYOUTS) > 256:
-                _LAYOUTS.clear()
-            layout = _LAYOUTS[key] = _layout(geo, tokens, order, kvs[0].device)
+        layout = plan(plans, key, lambda: _layout(geo, tokens, order, kvs[0].device))
         mult, token_of_row, const, self.bounds = layout
         pages_slots = torch.cat(
             [m.write_pages for m in metas] + [m.write_slots for m in metas]
@@ -120,6 +121,7 @@ class SharedKVGather:
         metas: list[AttentionMetadata],
         order: list[list[int]],
         pages: torch.Tensor | None = None,  # int64 [sum B * Pm]: each model's page_table[:, :Pm]
+        plans: PlanCache | None = None,
     ):
         assert shares_arena(kvs) and all(m.is_decode for m in metas)
         sizes = [kv.shape[3] * kv.shape[4] * kv.shape[5] for kv in kvs]  # PT * Hkv * D
@@ -133,11 +135,7 @@ class SharedKVGather:
         geo = tuple((kv.shape[1], 1, size // g) for kv, size in zip(kvs, sizes, strict=True))
         per_model = tuple(b * p for (b, *_), p in zip(self.shapes, num_pages, strict=True))  # pages each
         key = ("gather", str(kvs[0].device), g, geo, per_model, tuple(map(tuple, order)))
-        layout = _LAYOUTS.get(key)
-        if layout is None:
-            if len(_LAYOUTS) > 256:
-                _LAYOUTS.clear()
-            layout = _LAYOUTS[key] = _layout(geo, per_model, order, kvs[0].device, slots=False)
+        layout = plan(plans, key, lambda: _layout(geo, per_model, order, kvs[0].device, slots=False))
         mult, page_of_row, const, self.bounds = layout
         if pages is None:
             pages = torch.cat(
