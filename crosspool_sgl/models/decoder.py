@@ -47,6 +47,8 @@ class LayerWeights:
     mla: MLAWeights | None = None
     # [Hq + Hkv, D]: q_norm per q head, then k_norm per KV head; built by DecoderModel (Qwen3)
     qk_norm_heads: torch.Tensor | None = None
+    # [2, Hq * D]: q_norm then k_norm, when q and k are as wide (OLMoE); built by DecoderModel
+    qk_norm_planes: torch.Tensor | None = None
 
 
 @dataclass
@@ -85,6 +87,9 @@ class DecoderModel:
                     lw.k_norm.expand(config.num_kv_heads, -1),
                 )
                 lw.qk_norm_heads = torch.cat([q_rows, k_rows])
+        if config.qk_norm == "full" and config.q_size == config.kv_size and config.clip_qkv is None:
+            for lw in weights.layers:  # q and k side by side in qkv: one norm over [T, 2, Hq * D]
+                lw.qk_norm_planes = torch.stack([lw.q_norm, lw.k_norm])
 
     @torch.inference_mode()
     def forward(
@@ -152,7 +157,11 @@ class DecoderModel:
         cfg = self.config
         qkv = F.linear(x, lw.qkv_weight, lw.qkv_bias)
         heads, qk_size = cfg.num_heads + cfg.num_kv_heads, cfg.q_size + cfg.kv_size
-        if cfg.qk_norm == "full" or cfg.clip_qkv is not None:
+        if lw.qk_norm_planes is not None:  # OLMoE with Hq == Hkv: both norms in one call
+            qk = qkv[:, :qk_size].view(-1, 2, cfg.q_size)  # [T, 2, Hq * D]: q, k
+            qk = rms_norm(qk, lw.qk_norm_planes, cfg.rms_norm_eps).view(-1, heads, cfg.head_dim)
+            v = qkv[:, qk_size:]
+        elif cfg.qk_norm == "full" or cfg.clip_qkv is not None:
             q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             if cfg.qk_norm == "full":  # OLMoE: one norm over all heads
                 q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps)

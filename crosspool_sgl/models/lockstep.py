@@ -156,14 +156,14 @@ class LockstepBatch:
         outs = self._attention(st, members, bounds, layer, x)
         h += torch.cat(outs) if n > 1 else outs[0]
         x = rms_norm_rows(h, norms[1], eps)
-        for j, (a, b) in zip(members, bounds, strict=True):
+        for j, (a, b), xj in zip(members, bounds, _split_rows(x, bounds), strict=True):
             model = self.slices[j].model
             lw = model.weights.layers[layer]
             if lw.router is None and not alone:  # one slot, weight 1: nothing to compute
                 routes.append(lw.ffn_slots)
                 shapes.append((b - a, None))
             else:
-                ids, w = model.ffn_routing(lw, x[a:b])
+                ids, w = model.ffn_routing(lw, xj)
                 routes.append((ids, w))
                 shapes.append((b - a, ids.shape[1]))
         return x
@@ -171,17 +171,18 @@ class LockstepBatch:
     def _attention(self, st: ResidualStream, members: list[int], bounds, layer: int, x) -> list:
         """Each member's attention output [T, H] of layer `layer` from its normed rows of x; with
         the stream's shared K/V write, every member's K/V go into the arena in one indexed copy."""
+        xs = _split_rows(x, bounds)
         if st.kv_write is None:
             outs = []
-            for j, (a, b) in zip(members, bounds, strict=True):
+            for j, xj in zip(members, xs, strict=True):
                 s = self.slices[j]
                 self._plan(s)
                 lw = s.model.weights.layers[layer]
-                outs.append(s.model.attention(layer, lw, x[a:b], s.positions, s.meta, s.kv))
+                outs.append(s.model.attention(layer, lw, xj, s.positions, s.meta, s.kv))
             return outs
         pre = [  # per member: normalised qk [T, Hq + Hkv, D], v [T, Hkv * D]
-            self.slices[j].model.qk_v(self.slices[j].model.weights.layers[layer], x[a:b])
-            for j, (a, b) in zip(members, bounds, strict=True)
+            self.slices[j].model.qk_v(self.slices[j].model.weights.layers[layer], xj)
+            for j, xj in zip(members, xs, strict=True)
         ]
         qks = self._rotate(members, [qk for qk, _ in pre])
         heads = [  # per member (q, k, v)
@@ -334,6 +335,11 @@ class LockstepBatch:
         if self._planned.get(id(backend)) is not s.meta:
             backend.init_forward(s.meta)
             self._planned[id(backend)] = s.meta
+
+
+def _split_rows(x: torch.Tensor, bounds: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
+    """Each member's rows of x (views): one `split` call, not one slice per member."""
+    return (x,) if len(bounds) == 1 else x.split([b - a for a, b in bounds])
 
 
 def _eps_column(eps: list[tuple[float, int]], device: torch.device) -> torch.Tensor:
