@@ -20,9 +20,13 @@ and the FFN input needs no concatenation. When the stream's models attend with t
 backend on views of one KV arena, their attention shares ops too (`_attention`): the new K/V of
 all of them go into the arena with one indexed copy per layer index, a decode step's pages come
 out with one gather and its masks are built once (layers/attention/shared_kv.py), and q/k of one
-head dim rotate in one call over stacked rows with per-row tables. Only what reads a model's own
-weights runs per model: q/k/v and o projections, q/k norms, SDPA, the router. The results are
-bit-identical to `DecoderModel.forward` (same formula per row; tests/models/test_lockstep*.py).
+head dim rotate in one call over stacked rows with per-row tables; in a decode step on a
+single-threaded CPU, the models of one attention shape and key length attend in one SDPA call
+(`_decode_attention`). Only what reads a model's own weights runs per model: q/k/v and o
+projections, q/k norms, the router. The index tensors of all this depend only on the batch's
+structure and are kept across steps in the runner's `PlanCache` (layers/plan_cache.py). The
+results are bit-identical to `DecoderModel.forward` (same formula per row;
+tests/models/test_lockstep*.py).
 
 Embedding, logits and sampling stay per model (the model runner's job). The FFN is a callable so
 the disaggregated pipeline can send the combined rows to its workers instead
