@@ -19,6 +19,7 @@ from crosspool_sgl.core.req import Req
 from crosspool_sgl.core.sampling_batch import SamplingState, needs_processing, process_logits
 from crosspool_sgl.core.static_decode import DecodeRow, StaticDecodeRunner
 from crosspool_sgl.layers.attention.base import AttentionMetadata
+from crosspool_sgl.layers.plan_cache import PlanCache
 from crosspool_sgl.layers.sampler import SamplingRow, sample, token_logprobs
 from crosspool_sgl.mem.kv_pool import KVPool
 from crosspool_sgl.mem.residency_manager import ResidencyManager
@@ -99,6 +100,7 @@ class ModelRunner:
         self.residency = residency
         self.sampling_state = SamplingState(device)
         self.static_decode = static_decode  # pure-decode steps on persistent buffers / CUDA graphs
+        self.lockstep_plans = PlanCache()  # index tensors per batch structure, reused by later steps
 
     def release_sampling(self, req: Req) -> None:
         """A finished request's sampling state (its output-token counts) is dropped."""
@@ -172,7 +174,7 @@ class ModelRunner:
             ModelSlice.embed(self.models[model], *inputs, self.kv_pool.kv_view(model))
             for model, inputs in zip(by_model, packed, strict=True)
         ]
-        return lockstep_forward(slices)
+        return lockstep_forward(slices, plans=self.lockstep_plans)
 
     def _run_model(self, model: DecoderModel, group: list[tuple[Req, int]]) -> dict[str, StepResult]:
         ids, positions, meta = pack_batch(group, self.kv_pool.page_tokens, self.device)

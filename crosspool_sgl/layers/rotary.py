@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from crosspool_sgl.layers.plan_cache import PlanCache, plan
 from crosspool_sgl.models.config import RopeConfig
 
 
@@ -147,23 +148,21 @@ def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return x * cos + swapped * sin
 
 
-# per (rotaries, tokens, heads): the rows' token index, inverse frequencies, factors and signs,
-# the same every decode step; the rotaries are kept alive with their tables (their ids are keys)
-_STACKS: dict[tuple, tuple] = {}
-
-
 def stacked_tables(
-    rotaries: list[RotaryEmbedding], positions: list[torch.Tensor], heads: list[int], dtype: torch.dtype
+    rotaries: list[RotaryEmbedding],
+    positions: list[torch.Tensor],
+    heads: list[int],
+    dtype: torch.dtype,
+    plans: PlanCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [N, R] of several Llama-style rotaries' rows stacked (model, token, head): each row
     the values its own model's `tables` gives its token, in one pass over all rows (the same
-    elementwise products; a factor of 1.0 is exact) instead of one table build per model."""
-    key = (tuple(id(r) for r in rotaries), tuple(p.shape[0] for p in positions), tuple(heads))
-    stack = _STACKS.get(key)
-    if stack is None:
-        if len(_STACKS) > 256:
-            _STACKS.clear()
-        stack = _STACKS[key] = _stack(rotaries, [p.shape[0] for p in positions], heads)
+    elementwise products; a factor of 1.0 is exact) instead of one table build per model.
+
+    The rows' token index, inverse frequencies, factors and signs are the same every decode step
+    of one structure: `plans` keeps them (the rotaries live in the plan: their ids are its key)."""
+    key = ("rope", tuple(id(r) for r in rotaries), tuple(p.shape[0] for p in positions), tuple(heads))
+    stack = plan(plans, key, lambda: _stack(rotaries, [p.shape[0] for p in positions], heads))
     _, token_of_row, inv_freq, factor, signs = stack
     pos = torch.cat(positions) if len(positions) > 1 else positions[0]
     emb = pos[token_of_row].float()[:, None] * inv_freq  # [N, R]

@@ -47,6 +47,8 @@ class LayerWeights:
     mla: MLAWeights | None = None
     # [Hq + Hkv, D]: q_norm per q head, then k_norm per KV head; built by DecoderModel (Qwen3)
     qk_norm_heads: torch.Tensor | None = None
+    # [2, Hq * D]: q_norm then k_norm, when q and k are as wide (OLMoE); built by DecoderModel
+    qk_norm_planes: torch.Tensor | None = None
 
 
 @dataclass
@@ -85,6 +87,9 @@ class DecoderModel:
                     lw.k_norm.expand(config.num_kv_heads, -1),
                 )
                 lw.qk_norm_heads = torch.cat([q_rows, k_rows])
+        if config.qk_norm == "full" and config.q_size == config.kv_size and config.clip_qkv is None:
+            for lw in weights.layers:  # q and k side by side in qkv: one norm over [T, 2, Hq * D]
+                lw.qk_norm_planes = torch.stack([lw.q_norm, lw.k_norm])
 
     @torch.inference_mode()
     def forward(
@@ -126,13 +131,16 @@ class DecoderModel:
         """`attention` from q [T, Hq, D] on, the new tokens' K/V already in `kv` (the lockstep
         forward writes several models' at once) and, for a decode step, optionally the pages'
         (keys, values) `gathered` too; a torch attention backend only."""
-        cfg = self.config
-        window = cfg.sliding_windows[i]
+        window = self.config.sliding_windows[i]
         if gathered is None:
             out = self.attn_backend.attend(q, kv, i, meta, self.scale, window, lw.sinks)
         else:
             out = self.attn_backend.attend_gathered(q, *gathered, meta, self.scale, window, lw.sinks)
-        return F.linear(out.reshape(-1, cfg.q_size), lw.o_weight, lw.o_bias)
+        return self.project_out(lw, out)
+
+    def project_out(self, lw: LayerWeights, out: torch.Tensor) -> torch.Tensor:
+        """Attention output [T, Hq, D] -> [T, H]: the o projection (not MLA)."""
+        return F.linear(out.reshape(-1, self.config.q_size), lw.o_weight, lw.o_bias)
 
     def qkv_heads(self, lw: LayerWeights, x, positions, meta) -> tuple[torch.Tensor, ...]:
         """x [T, H] -> normalised, rotated q [T, Hq, D], k and v [T, Hkv, D] (not MLA)."""
@@ -149,7 +157,11 @@ class DecoderModel:
         cfg = self.config
         qkv = F.linear(x, lw.qkv_weight, lw.qkv_bias)
         heads, qk_size = cfg.num_heads + cfg.num_kv_heads, cfg.q_size + cfg.kv_size
-        if cfg.qk_norm == "full" or cfg.clip_qkv is not None:
+        if lw.qk_norm_planes is not None:  # OLMoE with Hq == Hkv: both norms in one call
+            qk = qkv[:, :qk_size].view(-1, 2, cfg.q_size)  # [T, 2, Hq * D]: q, k
+            qk = rms_norm(qk, lw.qk_norm_planes, cfg.rms_norm_eps).view(-1, heads, cfg.head_dim)
+            v = qkv[:, qk_size:]
+        elif cfg.qk_norm == "full" or cfg.clip_qkv is not None:
             q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             if cfg.qk_norm == "full":  # OLMoE: one norm over all heads
                 q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps)

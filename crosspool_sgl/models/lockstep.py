@@ -8,7 +8,8 @@ instead walk their layers together::
         attention half of layer i of every model that has one (models with fewer layers are done)
         each model routes its FFN input with its own router: global weights-pool slot ids
         ONE FFN call over the concatenated rows: hidden widths padded to Hmax, slot lists to
-            Kmax with slot -1 / weight 0 (padding in the kernel contract, see kernels/fused_moe.py)
+            Kmax with slot -1 / weight 0 (padding in the kernel contract, see kernels/fused_moe.py),
+            the routes stacked by one indexed op per tensor (models/route_stack.py)
         add the output to the residual rows
 
 Models of one hidden size share one *residual stream*: their rows stacked, deepest model first,
@@ -19,9 +20,13 @@ and the FFN input needs no concatenation. When the stream's models attend with t
 backend on views of one KV arena, their attention shares ops too (`_attention`): the new K/V of
 all of them go into the arena with one indexed copy per layer index, a decode step's pages come
 out with one gather and its masks are built once (layers/attention/shared_kv.py), and q/k of one
-head dim rotate in one call over stacked rows with per-row tables. Only what reads a model's own
-weights runs per model: q/k/v and o projections, q/k norms, SDPA, the router. The results are
-bit-identical to `DecoderModel.forward` (same formula per row; tests/models/test_lockstep*.py).
+head dim rotate in one call over stacked rows with per-row tables; in a decode step on a
+single-threaded CPU, the models of one attention shape and key length attend in one SDPA call
+(`_decode_attention`). Only what reads a model's own weights runs per model: q/k/v and o
+projections, q/k norms, the router. The index tensors of all this depend only on the batch's
+structure and are kept across steps in the runner's `PlanCache` (layers/plan_cache.py). The
+results are bit-identical to `DecoderModel.forward` (same formula per row;
+tests/models/test_lockstep*.py).
 
 Embedding, logits and sampling stay per model (the model runner's job). The FFN is a callable so
 the disaggregated pipeline can send the combined rows to its workers instead
@@ -44,8 +49,10 @@ from crosspool_sgl.layers.attention.base import AttentionMetadata
 from crosspool_sgl.layers.attention.shared_kv import SharedKVGather, SharedKVWrite, shares_arena
 from crosspool_sgl.layers.attention.torch_backend import TorchAttentionBackend
 from crosspool_sgl.layers.norm import rms_norm_rows
+from crosspool_sgl.layers.plan_cache import PlanCache, plan
 from crosspool_sgl.layers.rotary import rotate_halves, stacked_tables
 from crosspool_sgl.models.decoder import DecoderModel
+from crosspool_sgl.models.route_stack import RouteLayout, stack_routes
 
 FFNFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # x, slots, weights -> out
 
@@ -79,20 +86,21 @@ class FFNBatch:
 class ResidualStream:
     """The stacked residual rows of the slices of one hidden size, deepest model first."""
 
-    def __init__(self, slices: list[ModelSlice], members: list[int]) -> None:
+    def __init__(self, slices: list[ModelSlice], members: list[int], plans: PlanCache | None) -> None:
         self.members = sorted(members, key=lambda j: -slices[j].model.config.num_layers)  # stable
         self.bounds: list[tuple[int, int]] = []  # rows [start, end) of each member
-        eps: list[float] = []
+        eps: list[tuple[float, int]] = []  # per member: (its norms' eps, its rows)
         for j in self.members:
             rows = slices[j].h.shape[0]
             start = self.bounds[-1][1] if self.bounds else 0
             self.bounds.append((start, start + rows))
-            eps += [slices[j].model.config.rms_norm_eps] * rows
+            eps.append((slices[j].model.config.rms_norm_eps, rows))
         self.layers = [slices[j].model.config.num_layers for j in self.members]
         first = slices[self.members[0]].h  # one member: its embedding is the stream (updated in place)
         self.h = torch.cat([slices[j].h for j in self.members]) if len(self.members) > 1 else first
-        self.eps = torch.tensor(eps, dtype=torch.float32, device=first.device)[:, None]  # [R, 1]
-        self.kv_write, self.kv_gather = _shared_kv([slices[j] for j in self.members], self.layers)
+        key = ("eps", tuple(eps), first.device)
+        self.eps = plan(plans, key, lambda: _eps_column(eps, first.device))  # [R, 1]
+        self.kv_write, self.kv_gather = _shared_kv([slices[j] for j in self.members], self.layers, plans)
 
     def num_live(self, layer: int) -> int:
         """Members that have layer `layer` (a prefix: members are sorted by depth)."""
@@ -102,44 +110,48 @@ class ResidualStream:
 class LockstepBatch:
     """Drives a list of model slices through their layers, one layer index at a time."""
 
-    def __init__(self, slices: list[ModelSlice]) -> None:
+    def __init__(self, slices: list[ModelSlice], plans: PlanCache | None = None) -> None:
         self.slices = slices
+        self.plans = plans  # structure plans kept across steps (the runner's), see layers/plan_cache.py
         self.num_layers = max((s.model.config.num_layers for s in slices), default=0)
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see _group_tables
         self._planned: dict[int, AttentionMetadata] = {}  # backend id -> the metadata it was planned for
+        self._masks: dict[tuple, torch.Tensor] = {}  # see _group_mask
+        self._route_pads: tuple[torch.Tensor, torch.Tensor] | None = None
         by_width: dict[int, list[int]] = {}
         for j, s in enumerate(slices):
             by_width.setdefault(s.h.shape[1], []).append(j)
-        self.streams = [ResidualStream(slices, members) for members in by_width.values()]
+        self.streams = [ResidualStream(slices, members, plans) for members in by_width.values()]
         self._live_rows: list[int] = []  # per stream: rows that ran the current layer
 
     def attention_and_route(self, layer: int) -> FFNBatch:
         """Layer `layer`'s attention half of every slice that has it, then the combined FFN input."""
-        live: list[int] = []
-        xs, slots, weights = [], [], []
-        self._live_rows = []
-        for st in self.streams:
-            n = st.num_live(layer)
-            self._live_rows.append(st.bounds[n - 1][1] if n else 0)
+        live_of = [(st, st.num_live(layer)) for st in self.streams]
+        live = [j for st, n in live_of for j in st.members[:n]]
+        self._live_rows = [st.bounds[n - 1][1] if n else 0 for st, n in live_of]
+        xs, routes, shapes = [], [], []
+        for st, n in live_of:
             if n:
-                live += st.members[:n]
-                xs.append(self._attention_half(st, n, layer, slots, weights))
+                xs.append(self._attention_half(st, n, layer, routes, shapes, alone=len(live) == 1))
         width = max(x.shape[1] for x in xs)
         x = xs[0] if len(xs) == 1 else torch.cat([F.pad(x, (0, width - x.shape[1])) for x in xs])
-        k = max(ids.shape[1] for ids in slots)
-        if len(slots) == 1:
-            return FFNBatch(layer, live, x, slots[0], weights[0])
-        return FFNBatch(
-            layer,
-            live,
-            x,
-            torch.cat([_pad_cols(ids.long(), k, -1) for ids in slots]),
-            torch.cat([_pad_cols(w, k, 0) for w in weights]),
-        )
+        if len(routes) == 1:
+            return FFNBatch(layer, live, x, *routes[0])
+        key = ("routes", tuple(shapes), x.device)
+        layout = plan(self.plans, key, lambda: RouteLayout.build(shapes, x.device))
+        if self._route_pads is None:
+            self._route_pads = (
+                torch.tensor([-1], dtype=torch.int64, device=x.device),
+                torch.tensor([0, 1], dtype=x.dtype, device=x.device),
+            )
+        return FFNBatch(layer, live, x, *stack_routes(layout, routes, self._route_pads))
 
-    def _attention_half(self, st: ResidualStream, n: int, layer: int, slots: list, weights: list):
+    def _attention_half(
+        self, st: ResidualStream, n: int, layer: int, routes: list, shapes: list, alone: bool
+    ) -> torch.Tensor:
         """Attention of the stream's first n members (in place on its residual rows), their routes
-        appended to slots/weights; returns the FFN input [R, H] of those rows."""
+        appended to routes/shapes (`stack_routes`' inputs; a dense layer's is its slot ids unless
+        the member is `alone` in the call); returns the FFN input [R, H] of those rows."""
         members, bounds = st.members[:n], st.bounds[:n]
         rows = bounds[-1][1]
         h, eps = st.h[:rows], st.eps[:rows]
@@ -148,41 +160,102 @@ class LockstepBatch:
         outs = self._attention(st, members, bounds, layer, x)
         h += torch.cat(outs) if n > 1 else outs[0]
         x = rms_norm_rows(h, norms[1], eps)
-        for j, (a, b) in zip(members, bounds, strict=True):
+        for j, (a, b), xj in zip(members, bounds, _split_rows(x, bounds), strict=True):
             model = self.slices[j].model
-            ids, w = model.ffn_routing(model.weights.layers[layer], x[a:b])
-            slots.append(ids)
-            weights.append(w)
+            lw = model.weights.layers[layer]
+            if lw.router is None and not alone:  # one slot, weight 1: nothing to compute
+                routes.append(lw.ffn_slots)
+                shapes.append((b - a, None))
+            else:
+                ids, w = model.ffn_routing(lw, xj)
+                routes.append((ids, w))
+                shapes.append((b - a, ids.shape[1]))
         return x
 
     def _attention(self, st: ResidualStream, members: list[int], bounds, layer: int, x) -> list:
         """Each member's attention output [T, H] of layer `layer` from its normed rows of x; with
         the stream's shared K/V write, every member's K/V go into the arena in one indexed copy."""
+        xs = _split_rows(x, bounds)
         if st.kv_write is None:
             outs = []
-            for j, (a, b) in zip(members, bounds, strict=True):
+            for j, xj in zip(members, xs, strict=True):
                 s = self.slices[j]
                 self._plan(s)
                 lw = s.model.weights.layers[layer]
-                outs.append(s.model.attention(layer, lw, x[a:b], s.positions, s.meta, s.kv))
+                outs.append(s.model.attention(layer, lw, xj, s.positions, s.meta, s.kv))
             return outs
         pre = [  # per member: normalised qk [T, Hq + Hkv, D], v [T, Hkv * D]
-            self.slices[j].model.qk_v(self.slices[j].model.weights.layers[layer], x[a:b])
-            for j, (a, b) in zip(members, bounds, strict=True)
+            self.slices[j].model.qk_v(self.slices[j].model.weights.layers[layer], xj)
+            for j, xj in zip(members, xs, strict=True)
         ]
         qks = self._rotate(members, [qk for qk, _ in pre])
         heads = [  # per member (q, k, v)
             self.slices[j].model.split_qk(qk, v) for j, qk, (_, v) in zip(members, qks, pre, strict=True)
         ]
         st.kv_write.write(layer, [k for _, k, _ in heads], [v for _, _, v in heads])
-        gathered = st.kv_gather.gather(layer) if st.kv_gather is not None else [None] * len(members)
-        outs = []
-        for j, (q, _, _), kv_rows in zip(members, heads, gathered, strict=True):
-            s = self.slices[j]
-            outs.append(
-                s.model.attend_written(layer, s.model.weights.layers[layer], q, s.meta, s.kv, kv_rows)
-            )
-        return outs
+        if st.kv_gather is None:
+            outs = []
+            for j, (q, _, _) in zip(members, heads, strict=True):
+                s = self.slices[j]
+                outs.append(s.model.attend_written(layer, s.model.weights.layers[layer], q, s.meta, s.kv))
+            return outs
+        qs = [q for q, _, _ in heads]
+        attn = self._decode_attention(members, layer, qs, st.kv_gather.gather(layer))
+        return [
+            self.slices[j].model.project_out(self.slices[j].model.weights.layers[layer], a)
+            for j, a in zip(members, attn, strict=True)
+        ]
+
+    def _decode_attention(self, members: list[int], layer: int, qs: list, gathered: list) -> list:
+        """Each member's decode attention [B, Hq, D] over its gathered (keys, values).
+
+        On a CPU torch runs single-threaded, members whose q and keys have one shape (heads, head
+        dim, keys), dtype and scale, without sinks, attend in ONE SDPA call over their rows stacked,
+        each row masked by its own model's mask: there a row's values do not depend on the other
+        rows, bit for bit. With more threads (and on CUDA) the kernel splits its work by the batch's
+        size, so a row can round differently in a larger batch (measured: 71 of 108 shapes off by
+        ~6e-8 at 2 threads, none at 1); each member then attends in its own call."""
+        out: list[torch.Tensor | None] = [None] * len(members)
+        groups: dict[tuple, list[int]] = {}
+        stackable = qs[0].device.type == "cpu" and torch.get_num_threads() == 1
+        for i, (j, q, (keys, _)) in enumerate(zip(members, qs, gathered, strict=True)):
+            model, sinks = self.slices[j].model, self.slices[j].model.weights.layers[layer].sinks
+            if sinks is None:
+                shape = (q.shape[1:], keys.shape[1:], q.dtype) if stackable else i
+                groups.setdefault((shape, model.scale), []).append(i)
+            else:  # sinks join its softmax: it attends alone
+                window = model.config.sliding_windows[layer]
+                meta = self.slices[j].meta
+                out[i] = model.attn_backend.attend_gathered(q, *gathered[i], meta, model.scale, window, sinks)
+        for (_, scale), idxs in groups.items():
+            mask = self._group_mask(layer, tuple(members[i] for i in idxs), qs[idxs[0]].dtype)
+            stack = lambda xs: xs[0] if len(xs) == 1 else torch.cat(xs)  # noqa: E731
+            attn = TorchAttentionBackend.attend_rows(
+                stack([qs[i] for i in idxs]),
+                stack([gathered[i][0] for i in idxs]),
+                stack([gathered[i][1] for i in idxs]),
+                mask,
+                scale,
+            )  # [sum B, Hq, D]
+            start = 0
+            for i in idxs:
+                out[i] = attn[start : start + qs[i].shape[0]]
+                start += qs[i].shape[0]
+        return out
+
+    def _group_mask(self, layer: int, group: tuple[int, ...], dtype) -> torch.Tensor:
+        """The additive decode masks [sum B, 1, 1, S] of `group`'s rows stacked, built once per
+        step and set of windows (the same at every layer index with the same windows)."""
+        windows = tuple(self.slices[j].model.config.sliding_windows[layer] for j in group)
+        key = (group, windows, dtype)
+        mask = self._masks.get(key)
+        if mask is None:
+            masks = [
+                TorchAttentionBackend.decode_mask(self.slices[j].meta, w, dtype)
+                for j, w in zip(group, windows, strict=True)
+            ]
+            mask = self._masks[key] = masks[0] if len(masks) == 1 else torch.cat(masks)
+        return mask
 
     def _rotate(self, members: list[int], qks: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each member's qk [T, Hq + Hkv, D] rotated. Members with a Llama-style rotation over the
@@ -224,6 +297,7 @@ class LockstepBatch:
                 [self.slices[j].positions for j in group],
                 [qk.shape[1] for qk in qks],
                 dtype,
+                self.plans,
             )
         cos, sin = self._rope_tables[key]
         return (cos, sin) if cos.shape[0] == rows else (cos[:rows], sin[:rows])
@@ -267,7 +341,18 @@ class LockstepBatch:
             self._planned[id(backend)] = s.meta
 
 
-def _shared_kv(members: list[ModelSlice], layers: list[int]):
+def _split_rows(x: torch.Tensor, bounds: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
+    """Each member's rows of x (views): one `split` call, not one slice per member."""
+    return (x,) if len(bounds) == 1 else x.split([b - a for a, b in bounds])
+
+
+def _eps_column(eps: list[tuple[float, int]], device: torch.device) -> torch.Tensor:
+    """[R, 1] each row's own model's RMSNorm eps ((eps, rows) per member)."""
+    rows = [e for e, n in eps for _ in range(n)]
+    return torch.tensor(rows, dtype=torch.float32, device=device)[:, None]
+
+
+def _shared_kv(members: list[ModelSlice], layers: list[int], plans: PlanCache | None):
     """The stream's one-copy K/V write (and, for a decode step, one-op page gather) when two or
     more members attend with the torch backend (which can attend after the write) on views of one
     arena; (None, None): each member writes and gathers its own."""
@@ -281,13 +366,9 @@ def _shared_kv(members: list[ModelSlice], layers: list[int]):
         return None, None
     order = [[j for j, n in enumerate(layers) if n > i] for i in range(max(layers))]  # live prefixes
     if not all(m.is_decode for m in metas):
-        return SharedKVWrite(kvs, metas, order), None
+        return SharedKVWrite(kvs, metas, order, plans), None
     pages = TorchAttentionBackend.plan_decode_many(metas, members[0].h.dtype)
-    return SharedKVWrite(kvs, metas, order), SharedKVGather(kvs, metas, order, pages)
-
-
-def _pad_cols(x: torch.Tensor, width: int, value: float) -> torch.Tensor:
-    return x if x.shape[1] == width else F.pad(x, (0, width - x.shape[1]), value=value)
+    return SharedKVWrite(kvs, metas, order, plans), SharedKVGather(kvs, metas, order, pages, plans)
 
 
 def pool_ffn(slices: list[ModelSlice]) -> FFNFn:
@@ -300,11 +381,14 @@ def pool_ffn(slices: list[ModelSlice]) -> FFNFn:
 
 
 @torch.inference_mode()
-def lockstep_forward(slices: list[ModelSlice], ffn: FFNFn | None = None) -> list[torch.Tensor]:
-    """Every slice's final-normed hidden states [T, H], with one `ffn` call per layer index."""
+def lockstep_forward(
+    slices: list[ModelSlice], ffn: FFNFn | None = None, plans: PlanCache | None = None
+) -> list[torch.Tensor]:
+    """Every slice's final-normed hidden states [T, H], with one `ffn` call per layer index; `plans`
+    keeps the index tensors of the batch's structure for the next step of the same structure."""
     if not slices:
         return []
-    batch = LockstepBatch(slices)
+    batch = LockstepBatch(slices, plans)
     ffn = ffn or pool_ffn(slices)
     for layer in range(batch.num_layers):
         step = batch.attention_and_route(layer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from crosspool_sgl.layers.plan_cache import PlanCache
 from crosspool_sgl.layers.rotary import RotaryEmbedding, rotate_halves, stacked_tables
 from crosspool_sgl.models.config import RopeConfig
 
@@ -29,5 +30,8 @@ def test_stacked_rows_rotate_as_each_model_does() -> None:
         [r.rotate(p, x).reshape(-1, 16) for r, p, x in zip(rotaries, positions, xs, strict=True)]
     )
     assert torch.equal(got, want)
-    again = stacked_tables(rotaries, positions, heads, torch.float32)  # the cached layout, same values
-    assert torch.equal(again[0], cos) and torch.equal(again[1], sin)
+    plans = PlanCache()
+    for _ in range(2):  # built, then the cached layout: the same values
+        again = stacked_tables(rotaries, positions, heads, torch.float32, plans)
+        assert torch.equal(again[0], cos) and torch.equal(again[1], sin)
+    assert len(plans) == 1

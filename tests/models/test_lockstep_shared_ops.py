@@ -4,14 +4,16 @@ Models of one residual stream whose KV views share one arena write their K/V wit
 per layer index (layers/attention/shared_kv.py) and rotate q/k of one head dim together (rows
 stacked with each model's own cos/sin). Here four random decoders of hidden size 32 — head dims 8
 and 16, 1 or 2 KV heads, default / llama3 / yarn rope, 1 to 3 layers, one partial-rotary model that
-rotates alone — run prefills of different lengths and two decode steps on views of one arena; every model's
-final hidden states and the whole arena must equal the per-model forward bit for bit.
+rotates alone, one with a sliding window — run prefills of different lengths and two decode steps on views
+of one arena; every model's final hidden states and the whole arena must equal the per-model forward bit for
+bit. In the decode steps the models of one attention shape and key length (a and e) share SDPA calls.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from crosspool_sgl.layers.attention.base import AttentionMetadata
@@ -35,21 +37,27 @@ ROPES = {
     ),
     "yarn": RopeConfig(10000.0, "yarn", {"factor": 4.0, "original_max_position_embeddings": 8}),
 }
-# name, layers, KV heads, head dim, rope, rotary dim (None: the whole head)
+# name, layers, KV heads, head dim, rope, rotary dim (None: the whole head), sliding window
 SPECS = [
-    ("a", 3, 1, 8, "default", None),
-    ("b", 2, 2, 8, "llama3", None),
-    ("c", 1, 1, 16, "yarn", None),
-    ("d", 2, 1, 8, "default", 4),  # partial rotary: rotated on its own
+    ("a", 3, 1, 8, "default", None, None),
+    ("b", 2, 2, 8, "llama3", None, None),
+    ("c", 1, 1, 16, "yarn", None, None),
+    ("d", 2, 1, 8, "default", 4, None),  # partial rotary: rotated on its own
+    ("e", 2, 1, 8, "default", None, 3),  # a's attention shape: one SDPA call with a, own mask
 ]
 
 
 def build(pool) -> list[DecoderModel]:
     models = []
-    for name, layers, kv_heads, head_dim, rope, rotary_dim in SPECS:
+    for name, layers, kv_heads, head_dim, rope, rotary_dim, window in SPECS:
         m = random_model(name, 32, layers, 1e-5, pool)
         cfg = dataclasses.replace(
-            m.config, num_kv_heads=kv_heads, head_dim=head_dim, rope=ROPES[rope], rotary_dim=rotary_dim
+            m.config,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rope=ROPES[rope],
+            rotary_dim=rotary_dim,
+            sliding_windows=(window,) * layers,
         )
         for lw in m.weights.layers:
             lw.qkv_weight = torch.randn(cfg.q_size + 2 * cfg.kv_size, 32) * 0.3
@@ -69,11 +77,23 @@ def views(arena: torch.Tensor, models: list[DecoderModel]) -> list[torch.Tensor]
     return out
 
 
-# byte-disjoint pages per model (pages of 192, 256, 128 and 128 floats)
-PAGES = [[0, 1, 2], [4, 5], [20, 21], [30, 31]]
+# byte-disjoint pages per model (pages of 192, 256, 128, 128 and 128 floats)
+PAGES = [[0, 1, 2], [4, 5], [20, 21], [30, 31], [40, 41]]
 
 
-def test_shared_write_and_rotation_equal_each_models_forward() -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+def test_shared_write_and_rotation_equal_each_models_forward(monkeypatch, threads) -> None:
+    """At one torch thread a and e share SDPA calls; at two each model attends alone (a larger
+    batch can round differently there), and both equal the per-model forward bit for bit."""
+    restore = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_against_each_models_forward(monkeypatch, threads)
+    finally:
+        torch.set_num_threads(restore)
+
+
+def _check_against_each_models_forward(monkeypatch, threads: int) -> None:
     from crosspool_sgl.mem.weight_pool import WeightPool
 
     torch.manual_seed(7)
@@ -82,7 +102,14 @@ def test_shared_write_and_rotation_equal_each_models_forward() -> None:
     arena, own_arena = torch.zeros(8192), torch.zeros(8192)
     kvs, own_kvs = views(arena, models), views(own_arena, models)
     assert shares_arena(kvs)
-    prompts = [5, 3, 6, 2]  # different lengths: the decode steps' keys span 1 or 2 pages
+    prompts = [5, 3, 6, 2, 5]  # different lengths: the decode steps' keys span 1 or 2 pages
+    sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[0])  # rows of the call
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
     for step in range(3):  # a prefill, then two decode tokens
         new = prompts if step == 0 else [1] * len(models)
         starts = [0] * len(models) if step == 0 else [n + step - 1 for n in prompts]
@@ -93,7 +120,11 @@ def test_shared_write_and_rotation_equal_each_models_forward() -> None:
         slices = [ModelSlice.embed(m, ids[j], positions[j], metas[j], kvs[j]) for j, m in enumerate(models)]
         stream = LockstepBatch(list(slices)).streams[0]  # the shared write (and decode gather) run
         assert stream.kv_write is not None and (stream.kv_gather is not None) == (step > 0)
+        calls.clear()
         got = lockstep_forward(slices)
+        if step > 0:  # a and e attend together at layers 0 and 1: 10 model layers, 8 calls
+            shared = 2 if threads == 1 else 0
+            assert len(calls) == sum(m.config.num_layers for m in models) - shared, calls
         for j, m in enumerate(models):
             own = AttentionMetadata.build(*batches[j], PT, CPU)
             want = m.forward(ids[j], positions[j], own, own_kvs[j])

@@ -30,9 +30,7 @@ import math
 import torch
 
 from crosspool_sgl.layers.attention.base import AttentionMetadata
-
-# row layouts per (device, batch structure): decode steps repeat the same structure every step
-_LAYOUTS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]] = {}
+from crosspool_sgl.layers.plan_cache import PlanCache, plan
 
 
 def shares_arena(kvs: list[torch.Tensor]) -> bool:
@@ -53,10 +51,17 @@ class SharedKVWrite:
     """The K/V writes of models whose views share one arena, one indexed copy per layer index.
 
     `order[i]` lists the models (indices into `kvs`/`metas`) live at layer index i, in the
-    order `write` receives their K and V.
+    order `write` receives their K and V. The row layout of a batch structure comes from `plans`
+    when given (decode steps repeat their structure).
     """
 
-    def __init__(self, kvs: list[torch.Tensor], metas: list[AttentionMetadata], order: list[list[int]]):
+    def __init__(
+        self,
+        kvs: list[torch.Tensor],
+        metas: list[AttentionMetadata],
+        order: list[list[int]],
+        plans: PlanCache | None = None,
+    ):
         assert shares_arena(kvs), "a shared K/V write needs two-plane views of one arena"
         widths = [kv.shape[4] * kv.shape[5] for kv in kvs]  # Hkv * D
         self.g = math.gcd(*widths)
@@ -64,11 +69,7 @@ class SharedKVWrite:
         geo = tuple((kv.shape[1], kv.shape[3], w // self.g) for kv, w in zip(kvs, widths, strict=True))
         tokens = tuple(m.write_pages.shape[0] for m in metas)
         key = (str(kvs[0].device), self.g, geo, tokens, tuple(map(tuple, order)))
-        layout = _LAYOUTS.get(key)
-        if layout is None:
-            if len(_LAYOUTS) > 256:
-                _LAYOUTS.clear()
-            layout = _LAYOUTS[key] = _layout(geo, tokens, order, kvs[0].device)
+        layout = plan(plans, key, lambda: _layout(geo, tokens, order, kvs[0].device))
         mult, token_of_row, const, self.bounds = layout
         pages_slots = torch.cat(
             [m.write_pages for m in metas] + [m.write_slots for m in metas]
@@ -120,6 +121,7 @@ class SharedKVGather:
         metas: list[AttentionMetadata],
         order: list[list[int]],
         pages: torch.Tensor | None = None,  # int64 [sum B * Pm]: each model's page_table[:, :Pm]
+        plans: PlanCache | None = None,
     ):
         assert shares_arena(kvs) and all(m.is_decode for m in metas)
         sizes = [kv.shape[3] * kv.shape[4] * kv.shape[5] for kv in kvs]  # PT * Hkv * D
@@ -133,11 +135,7 @@ class SharedKVGather:
         geo = tuple((kv.shape[1], 1, size // g) for kv, size in zip(kvs, sizes, strict=True))
         per_model = tuple(b * p for (b, *_), p in zip(self.shapes, num_pages, strict=True))  # pages each
         key = ("gather", str(kvs[0].device), g, geo, per_model, tuple(map(tuple, order)))
-        layout = _LAYOUTS.get(key)
-        if layout is None:
-            if len(_LAYOUTS) > 256:
-                _LAYOUTS.clear()
-            layout = _LAYOUTS[key] = _layout(geo, per_model, order, kvs[0].device, slots=False)
+        layout = plan(plans, key, lambda: _layout(geo, per_model, order, kvs[0].device, slots=False))
         mult, page_of_row, const, self.bounds = layout
         if pages is None:
             pages = torch.cat(
@@ -145,14 +143,14 @@ class SharedKVGather:
             )
         self.rows = (pages.long() * mult)[page_of_row] + const  # [sum over layers of rows]
         self.order = order
+        self.plane_rows = [b * s * h * d // g for b, s, h, d in self.shapes]  # flat rows of one plane
 
     def gather(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(keys, values) [B, Pm * PT, Hkv, D] of each model of `order[layer]`, in that order."""
         got = self.flat.index_select(0, self.rows[self.bounds[layer] : self.bounds[layer + 1]])
-        out, start = [], 0
-        for j in self.order[layer]:
-            shape = self.shapes[j]
-            n = shape[0] * shape[1] * shape[2] * shape[3] // self.flat.shape[1]  # rows per plane
-            out.append((got[start : start + n].view(shape), got[start + n : start + 2 * n].view(shape)))
-            start += 2 * n
-        return out
+        live = self.order[layer]
+        planes = got.split([self.plane_rows[j] for j in live for _ in range(2)])  # one call, not 2M slices
+        return [
+            (planes[2 * i].view(self.shapes[j]), planes[2 * i + 1].view(self.shapes[j]))
+            for i, j in enumerate(live)
+        ]

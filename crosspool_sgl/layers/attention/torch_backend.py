@@ -96,10 +96,24 @@ class TorchAttentionBackend(AttentionBackend):
         pages `_decode_pages_and_mask` names (the lockstep forward gathers several models' at once)."""
         _, mask, additive = self._decode_pages_and_mask(meta, sliding_window, q.dtype)
         if sinks is None:  # SDPA turns a bool mask into this additive one on every call
-            mask = additive
+            return self.attend_rows(q, keys, values, additive, scale)
         qh = q.unsqueeze(2)  # [B, Hq, 1, D]
         kh, vh = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, S, D|Dv]
         return sdpa(qh, kh, vh, mask, scale, sinks).squeeze(2)
+
+    @staticmethod
+    def attend_rows(q, keys, values, additive: torch.Tensor, scale: float) -> torch.Tensor:
+        """Decode attention of q [B, Hq, D] over keys/values [B, S, Hkv, D|Dv] with an additive mask
+        [B, 1, 1, S] (no sinks): one SDPA call whose batch rows are independent, so rows of several
+        models' decode steps stacked give each row the values of its own model's call (the lockstep
+        forward's grouped attention, models/lockstep.py)."""
+        kh, vh = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, S, D|Dv]
+        return sdpa(q.unsqueeze(2), kh, vh, additive, scale, None).squeeze(2)  # [B, Hq, Dv]
+
+    @staticmethod
+    def decode_mask(meta: AttentionMetadata, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """The additive decode mask [B, 1, 1, S] `attend_gathered` applies (built once per step)."""
+        return TorchAttentionBackend._decode_pages_and_mask(meta, sliding_window, dtype)[2]
 
     @staticmethod
     def _write_index(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
