@@ -1,6 +1,6 @@
 """Control overhead: a decode step of 8 models x 1 request against 1 model x 8 requests.
 
-    python benchmarks/control_overhead.py [--quick] [--batch 8] [--new-tokens 48] [--repeats 3]
+    python benchmarks/control_overhead.py [--quick] [--batch 8] [--new-tokens 48] [--repeats 7]
 
 CrossPool attacks the CPU→device control cost of a step (scheduling, metadata,
 launches). Spreading the same 8 requests over 8 models used to run 8 small
@@ -18,7 +18,11 @@ deepest model has layers. This measures both paths on the offline Engine:
   `DecoderModel.ffn`'s), against the deepest model's layer count and the sum.
 
 The cases run interleaved, `--repeats` times (each case's figures are the median of its
-runs; the spread is min-max), with the load average before each repeat. Writes
+runs; the spread is min-max), with the load average before each repeat. The ratio is given two
+ways: of the cases' medians, and paired — per repeat, the two cases of a path run back to back
+(order alternating), their ratio, then the median over repeats: this machine's speed drifts by
+up to 1.5x between minutes (other tenants of the host), which a ratio of medians taken minutes
+apart does not cancel. Writes
 benchmarks/results/control_overhead.{md,json} with the command and the machine.
 On CPU the "compute" is itself CPU time; on a GPU the same split shows launch overhead.
 """
@@ -144,6 +148,15 @@ def ratio(rows: list[dict], path: str, key: str = "step_ms") -> float:
     return many[key] / one[key]
 
 
+def paired_ratios(runs: dict[tuple[int, str], list[dict]], batch: int, path: str) -> list[float]:
+    """Per repeat, the many-models case's step time over the one-model case's, measured back to back."""
+    return [m["step_ms"] / o["step_ms"] for o, m in zip(runs[(1, path)], runs[(batch, path)], strict=True)]
+
+
+def _spread(xs: list[float]) -> str:
+    return f"x{statistics.median(xs):.2f} (min {min(xs):.2f}, max {max(xs):.2f}, {len(xs)} pairs)"
+
+
 def render(rows: list[dict], meta: dict) -> str:
     lines = [
         "# Control overhead of a decode step (offline Engine)",
@@ -176,6 +189,10 @@ def render(rows: list[dict], meta: dict) -> str:
         f"per-model path x{ratio(rows, 'per-model'):.2f} (target <= 2.0 on CPU); in step CPU time: "
         f"lockstep x{ratio(rows, 'lockstep', 'step_cpu_ms'):.2f}, "
         f"per-model path x{ratio(rows, 'per-model', 'step_cpu_ms'):.2f}.",
+        "",
+        "Paired (median over repeats of the ratio of the two cases run back to back, which a slow",
+        f"stretch of the shared machine disturbs less): lockstep {_spread(meta['paired_lockstep'])}, "
+        f"per-model path {_spread(meta['paired_per_model'])}.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -184,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=48)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="fewer tokens, one repeat (smoke test)")
     args = p.parse_args(argv)
     if args.quick:
@@ -198,10 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     engines = {n: build(n, paths) for n in (1, args.batch)}
     runs: dict[tuple[int, str], list[dict]] = {}
     load_avg = []
-    for _ in range(args.repeats):
+    for rep in range(args.repeats):
         load_avg.append(os.getloadavg()[0])
         for path in PATHS:
-            for n, (eng, probe) in engines.items():
+            # the two cases of a path back to back, their order alternating between repeats, so a
+            # slow stretch of the machine (another tenant of the host) lands on both of a pair
+            order = list(engines.items()) if rep % 2 == 0 else list(engines.items())[::-1]
+            for n, (eng, probe) in order:
                 case = run_case(eng, probe, path == "lockstep", args.batch, args.new_tokens)
                 runs.setdefault((n, path), []).append(case)
     rows = [summarise(n, path, args.batch, runs[(n, path)]) for path in PATHS for n in engines]
@@ -215,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg": load_avg,
         "load_avg_end": os.getloadavg()[0],
         "ratio_lockstep": ratio(rows, "lockstep"),
+        "paired_lockstep": paired_ratios(runs, args.batch, "lockstep"),
+        "paired_per_model": paired_ratios(runs, args.batch, "per-model"),
         "ratio_per_model": ratio(rows, "per-model"),
         "cpu_ratio_lockstep": ratio(rows, "lockstep", "step_cpu_ms"),
         "cpu_ratio_per_model": ratio(rows, "per-model", "step_cpu_ms"),
