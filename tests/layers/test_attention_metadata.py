@@ -22,6 +22,7 @@ def reference(pages, seq_lens, extend_lens) -> dict[str, torch.Tensor]:
     table = torch.zeros(len(pages), max(len(p) for p in pages), dtype=torch.int32)
     wp, ws = [], []
     for i, (p, total, new) in enumerate(zip(pages, seq_lens, extend_lens, strict=True)):
+        table[i] = p[-1]  # padding: the row's own last page (never another model's or unmapped page 0)
         table[i, : len(p)] = torch.tensor(p, dtype=torch.int32)
         wp += [p[pos // PT] for pos in range(total - new, total)]
         ws += [pos % PT for pos in range(total - new, total)]

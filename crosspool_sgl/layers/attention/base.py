@@ -25,7 +25,7 @@ import torch
 class AttentionMetadata:
     """Where each sequence's KV lives and which of its tokens are new this step."""
 
-    page_table: torch.Tensor  # [B, max_pages] int32, page ids in order (padding: 0)
+    page_table: torch.Tensor  # [B, max_pages] int32, page ids in order (padding: the row's last page)
     seq_lens: torch.Tensor  # [B] int32, tokens in the cache after this step
     extend_lens: torch.Tensor  # [B] int32, new tokens of each sequence this step
     write_pages: torch.Tensor  # [T] int64, page receiving each new token's K/V
@@ -63,7 +63,10 @@ class AttentionMetadata:
             at32, at64 = len(ints32), len(ints64)
             for p in pages:
                 ints32 += p
-                ints32 += [0] * (max_pages - len(p))
+                # pad with a page of the row's own (owned, mapped) pages, never page 0: a backend that
+                # gathers the whole width (the torch decode) reads the padding before masking it, and
+                # page 0's chunk may be another model's or unmapped (CUDA VMM)
+                ints32 += [p[-1] if p else 0] * (max_pages - len(p))
             ints32 += seq_lens
             ints32 += extend_lens
             write_slots: list[int] = []
