@@ -20,7 +20,9 @@ Graph memory comes out of `graph_memory_bytes`, which `runtime.py` subtracts fro
 KV pool's default size *before* sizing it (bytes are reserved, no pages are taken). Every
 graph shares one memory pool; each capture's growth of the allocator's reserved bytes is
 charged, and a capture that would exceed the budget is not made (that key runs eagerly on
-the buffers). At most `max_graphs` graphs are kept (least recently used dropped).
+the buffers). At most `max_graphs` graphs are kept (least recently used dropped), and at most
+`max_entries` keys' buffers: with many models the keys (which models decode together, at which
+buckets) are combinations, and every new one kept its buffers for the process's life.
 Graphs bake in addresses: a key's graph is dropped and recaptured when the weights pool's
 arena or slot tables, or a KV view, moved since capture.
 
@@ -183,6 +185,7 @@ class StaticDecodeRunner:
         use_graphs: bool | None = None,
         graph_memory_bytes: int = 1 << 30,
         max_graphs: int = 128,
+        max_entries: int = 512,
     ) -> None:
         self.models = models
         self.kv_pool = kv_pool
@@ -193,6 +196,7 @@ class StaticDecodeRunner:
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
         self.graph_memory_bytes = graph_memory_bytes
         self.max_graphs = max_graphs
+        self.max_entries = max_entries
         self.graph_bytes = 0  # charged so far against graph_memory_bytes
         self.entries: OrderedDict[Key, _Entry] = OrderedDict()  # LRU order
         self.num_replays = 0
@@ -283,6 +287,8 @@ class StaticDecodeRunner:
                 return None
             slices.append(ModelSlice(twin, self.kv_pool.kv_view(name), scratch, batch, width))
         entry = self.entries[key] = _Entry(slices)
+        while len(self.entries) > self.max_entries:  # least recently used first (its graph with it)
+            self.entries.popitem(last=False)
         return entry
 
     def _scratch_page(self, name: str) -> int | None:

@@ -200,3 +200,17 @@ def test_graph_count_and_memory_bounds(core):
     broke.graph_memory_bytes = 0  # no budget: every key stays eager
     broke.run({"llama": rows[1]})
     assert broke.captures == 0 and broke.stats()["eager_steps"] == 1
+
+
+def test_buffers_are_bounded_per_key(core):
+    """Keys are combinations of models and buckets: only the `max_entries` most recent keep buffers."""
+    rows = {w: [DecodeRow(5, 4 * w - 1, list(range(w)))] for w in (1, 2, 3)}  # widths 1, 2, 4 pages
+    runner = StaticDecodeRunner(core.models, core.kv_pool, CPU, batch_buckets=(1,), min_width=1)
+    runner.max_entries = 2
+    first = runner.run({"llama": rows[1]})["llama"].clone()
+    for w in (2, 3):
+        runner.run({"llama": rows[w]})
+    assert len(runner.entries) == 2 and runner.key_for({"llama": rows[1]}) not in runner.entries
+    again = runner.run({"llama": rows[1]})["llama"]  # rebuilt, same result
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    assert len(runner.entries) == 2
