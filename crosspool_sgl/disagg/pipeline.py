@@ -126,7 +126,8 @@ class PipelinedModelRunner(ModelRunner):
             dealt = deal_micro_batches(pieces, target)
         else:  # the old shape: one model's piece per micro-batch
             dealt = [[j] for j in range(len(pieces))]
-        mbs = [MicroBatch(i, js, LockstepBatch([slices[j] for j in js])) for i, js in enumerate(dealt)]
+        plans = self.lockstep_plans  # micro-batch structures recur from step to step, like whole steps
+        mbs = [MicroBatch(i, js, LockstepBatch([slices[j] for j in js], plans)) for i, js in enumerate(dealt)]
         trace = StepTrace(len(mbs), interleaved=target > 1, start=time.perf_counter())
         if trace.interleaved or len(mbs) == 1:
             self._drive(mbs, trace)
