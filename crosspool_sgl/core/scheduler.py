@@ -109,6 +109,7 @@ class MultiModelScheduler:
         self.kv_pool = kv_pool
         self.prefix_cache = prefix_cache or PrefixCache(kv_pool, enabled=False)
         self.counters: dict[str, dict[str, int]] = {}  # decision -> model -> count (for /metrics)
+        self._blocked_logged = 0.0  # when a blocked plan was last logged (DEBUG)
         self.reclaimer = CacheReclaimer(kv_pool, self.prefix_cache, lambda m, n: self._count("reclaim", m, n))
         self.policy = policy
         self.eos_ids = eos_ids
@@ -192,6 +193,8 @@ class MultiModelScheduler:
                 unpin=self._unpin_waiting,
             )
             plan = plan if replanned is None else replanned
+        if plan is not None and plan.blocked is not None and logger.isEnabledFor(logging.DEBUG):
+            self._log_blocked(plan, now)
         items: list[tuple[Req, int]] = []
         if plan is None or plan.empty:
             if self.lane is None or not self.lane.busy:
@@ -325,6 +328,34 @@ class MultiModelScheduler:
             if plan.lane is None or req is not plan.lane[0]:
                 items.append((req, n))
         return items
+
+    def _log_blocked(self, plan: BatchPlan, now: float, after_s: float = 0.5, every_s: float = 0.5) -> None:
+        """DEBUG: why a request has waited over `after_s` (at most once per `every_s`) — the pool's
+        chunks, spare pages, working sets, cache and request pages per model. The tails of the
+        isolation benchmark were found by reading exactly this."""
+        req, pages = plan.blocked
+        if now - req.arrival_time < after_s or now - self._blocked_logged < every_s:
+            return
+        self._blocked_logged = now
+        budget = page_budget(self.kv_pool)
+        planner = self.kv_pool.planner
+        logger.debug(
+            "blocked %s (%s, %d tokens) for %.2f s: %d pages%s; %d chunks free, owned %s, spare pages %s, "
+            "working sets %s, cached pages %s, request pages %s; also blocked %d",
+            req.rid,
+            req.model,
+            len(req.input_ids),
+            now - req.arrival_time,
+            pages,
+            ", overdue" if plan.blocked_overdue else "",
+            budget.free_chunks,
+            budget.owned,
+            budget.spare_pages,
+            dict(planner.working_set) if planner is not None else {},
+            {m: self.prefix_cache.evictable_pages(m) for m in self.kv_pool.views},
+            {m: self.request_pages(m) for m in self.kv_pool.views},
+            len(plan.also_blocked),
+        )
 
     def _log_admission(self, req: Req) -> None:
         """Large or overdue admissions are rare and shape everyone's latency: say when and why."""

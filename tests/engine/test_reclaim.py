@@ -11,6 +11,7 @@ evicted for nothing.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from types import SimpleNamespace
@@ -149,7 +150,7 @@ def test_reclaim_leaves_an_idle_models_working_set_when_the_requests_own_cache_s
     assert sched.request_pages() == 0
 
 
-def test_nothing_is_evicted_for_a_request_that_cannot_be_seated_even_so() -> None:
+def test_nothing_is_evicted_for_a_request_that_cannot_be_seated_even_so(caplog) -> None:
     rng = random.Random(2)
     sched = build()
     cache_pages(sched, "idle", 40, rng)
@@ -162,9 +163,12 @@ def test_nothing_is_evicted_for_a_request_that_cannot_be_seated_even_so() -> Non
     assert hog.state is ReqState.RUNNING and hog.num_uncached == 1
     reclaimed = dict(sched.counters.get("reclaim", {}))
     big = request("big", "idle", 16 * 150, 10, rng)  # fits the empty pool, never beside the hog
+    big.arrival_time -= 0.6  # waiting long enough for the DEBUG line that says why
     sched.add_request(big)
-    sched.step()
+    with caplog.at_level(logging.DEBUG, logger="crosspool_sgl.core.scheduler"):
+        sched.step()
     assert big.state is ReqState.WAITING
+    assert any(r.getMessage().startswith("blocked big (idle, 2400 tokens)") for r in caplog.records)
     assert sched.counters.get("reclaim", {}) == reclaimed  # all or nothing: the cache stays
     drain(sched)
     assert sched.request_pages() == 0
