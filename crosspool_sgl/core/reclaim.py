@@ -110,9 +110,12 @@ class CacheReclaimer:
         cached pages count as whole chunks of their model, rounded down)."""
         trial = page_budget(self.pool)
         own = target.req.model
+        # the target keeps its own matched prefix (`unpin` lets every waiting request go but it)
+        own_pinned = len(target.req.pages) if target.req.state is ReqState.WAITING else 0
         for model in self.pool.views:
             pages = self.cache.evictable_pages(model) + pinned.get(model, 0)
             if model == own:
+                pages -= own_pinned
                 trial.spare_pages[model] += pages
                 continue
             chunks = pages * self.pool.page_bytes(model) // self.pool.chunk_bytes
@@ -130,7 +133,7 @@ class CacheReclaimer:
             batch = max(self.pool.chunk_bytes // self.pool.page_bytes(model), 1)
             while self.cache.evictable_pages(model):
                 if model != own:
-                    owned = len(self.pool.views[model].owned_chunks)
+                    owned = self.pool.owned_chunks()[model]
                     if owned <= self._protected_chunks(model, target.privileged):
                         break
                 n = self.cache.evict(model, batch)
