@@ -566,6 +566,25 @@ def import_frontend() -> None:
     import_handlers()
 
 
+def model_infos(args: ServerArgs, configs: dict[str, Any]) -> dict[str, Any]:
+    """What the tokenizer side knows of each model: path, context, vocabulary, type, tool parser."""
+    from crosspool_sgl.entrypoints.tool_parsers import parse_tool_call_parser_flag, resolve_tool_call_parser
+    from crosspool_sgl.managers.tokenizer_manager import ModelInfo
+
+    parser_flags = parse_tool_call_parser_flag(args.tool_call_parser, [s.name for s in args.engine.models])
+    return {
+        s.name: ModelInfo(
+            s.name,
+            s.path,
+            configs[s.name].max_position_embeddings,
+            configs[s.name].vocab_size,
+            configs[s.name].model_type,
+            resolve_tool_call_parser(s.name, configs[s.name].model_type, parser_flags),
+        )
+        for s in args.engine.models
+    }
+
+
 def build_app(
     args: ServerArgs,
     configs: dict[str, Any],
@@ -577,22 +596,10 @@ def build_app(
     """The FastAPI app over a tokenizer manager wired to the children's sockets, with a watchdog."""
     from crosspool_sgl.entrypoints.http_server import create_app
     from crosspool_sgl.entrypoints.metrics import ServerMetrics
-    from crosspool_sgl.entrypoints.tool_parsers import parse_tool_call_parser_flag, resolve_tool_call_parser
     from crosspool_sgl.entrypoints.watchdog import ChildWatchdog
-    from crosspool_sgl.managers.tokenizer_manager import ModelInfo, MultiModelTokenizerManager
+    from crosspool_sgl.managers.tokenizer_manager import MultiModelTokenizerManager
 
-    parser_flags = parse_tool_call_parser_flag(args.tool_call_parser, [s.name for s in args.engine.models])
-    models = {
-        s.name: ModelInfo(
-            s.name,
-            s.path,
-            configs[s.name].max_position_embeddings,
-            configs[s.name].vocab_size,
-            configs[s.name].model_type,
-            resolve_tool_call_parser(s.name, configs[s.name].model_type, parser_flags),
-        )
-        for s in args.engine.models
-    }
+    models = model_infos(args, configs)
     metrics = ServerMetrics()
     tm = MultiModelTokenizerManager(
         models,

@@ -183,7 +183,8 @@ def run_detokenizer_process(
     from sglang.srt.utils import kill_itself_when_parent_died
     from transformers import AutoTokenizer
 
-    if mp.parent_process() is None or os.getppid() == mp.parent_process().pid:
+    launcher = mp.parent_process()
+    if launcher is None or os.getppid() == launcher.pid:
         kill_itself_when_parent_died()  # the OS parent is the launcher (spawned, not forked by a server)
     exit_with_launcher()
     try:

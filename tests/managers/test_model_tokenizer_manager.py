@@ -42,7 +42,7 @@ class Front:
 def front(tiny_models) -> Iterator[Front]:
     from crosspool_sgl.entrypoints.children import ChildProcesses
     from crosspool_sgl.entrypoints.sglang_openai import _ensure_sgl_kernel_importable
-    from crosspool_sgl.launch_server import check_models, load_tokenizers, parse_args
+    from crosspool_sgl.launch_server import check_models, load_tokenizers, model_infos, parse_args
 
     flags = ["--kv-pool-bytes", "64M", "--log-level", "warning"]
     for name, arch in MODELS.items():
@@ -61,7 +61,7 @@ def front(tiny_models) -> Iterator[Front]:
             ModelTokenizerManager,
             model_server_args,
         )
-        from crosspool_sgl.managers.tokenizer_manager import ModelInfo, MultiModelTokenizerManager
+        from crosspool_sgl.managers.tokenizer_manager import MultiModelTokenizerManager
 
         specs = args.engine.models
         context = create_context(model_server_args(specs[0].name, specs[0].path), role="tokenizer")
@@ -69,19 +69,11 @@ def front(tiny_models) -> Iterator[Front]:
             for s in specs:
                 own = ModelAddresses(children.scheduler_addr, f"ipc://{ipc_dir}/tokenizer-{s.name}")
                 new[s.name] = ModelTokenizerManager(s.name, model_server_args(s.name, s.path), own)
-        configs = check_models(specs)
-        infos = {
-            s.name: ModelInfo(
-                s.name,
-                s.path,
-                configs[s.name].max_position_embeddings,
-                configs[s.name].vocab_size,
-                configs[s.name].model_type,
-            )
-            for s in specs
-        }
         old = MultiModelTokenizerManager(
-            infos, load_tokenizers(specs), children.scheduler_addr, children.tokenizer_addr
+            model_infos(args, check_models(specs)),
+            load_tokenizers(specs),
+            children.scheduler_addr,
+            children.tokenizer_addr,
         )
         children.wait_ready(180)
         handle = Front(new, old, loop, context)
