@@ -491,18 +491,6 @@ def check_models(specs: Sequence[ModelSpec]) -> dict[str, Any]:
     return configs
 
 
-def load_tokenizers(specs: Sequence[ModelSpec]) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
-    out = {}
-    for s in specs:
-        try:
-            out[s.name] = AutoTokenizer.from_pretrained(s.path)
-        except Exception as e:
-            raise StartupError(f"model {s.name!r} ({s.path}): cannot load its tokenizer: {e}") from e
-    return out
-
-
 FATAL_LINGER_S = 1.0  # after a child died: answer 503 (and /health unhealthy) this long, then exit
 
 
@@ -523,19 +511,18 @@ def serve(args: ServerArgs) -> str | None:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         # The children start first: they import SGLang and build the models (most of start-up),
-        # while this process loads the tokenizers and imports its own front end, so neither waits.
+        # while this process imports its own front end, so neither waits.
         children = ChildProcesses(args, ipc_dir)
-        tokenizers = load_tokenizers(specs)
         import_frontend()
         ready = children.wait_ready(args.startup_timeout_s)
         server: Any = None
 
         def on_death(reason: str) -> None:
             fatal.append(reason)
-            tm.fail_all(f"{reason}; this server is stopping")
+            hosted.fail_all(f"{reason}; this server is stopping")
             asyncio.get_running_loop().call_later(FATAL_LINGER_S, setattr, server, "should_exit", True)
 
-        app, models, tm = build_app(args, configs, tokenizers, children, ready["scheduler"]["info"], on_death)
+        app, models, hosted = build_app(args, configs, children, ready["scheduler"]["info"], on_death)
         logger.info("serving %s on http://%s:%d", ", ".join(models), args.host, args.port)
         config = uvicorn.Config(
             app,
@@ -562,14 +549,16 @@ def import_frontend() -> None:
     import crosspool_sgl.entrypoints.http_server  # noqa: F401
     import crosspool_sgl.entrypoints.sglang_openai  # noqa: F401
     from crosspool_sgl.entrypoints.sglang_openai import import_handlers
+    from crosspool_sgl.managers.hosted_models import ensure_sgl_kernel_importable
 
+    ensure_sgl_kernel_importable()
     import_handlers()
 
 
 def model_infos(args: ServerArgs, configs: dict[str, Any]) -> dict[str, Any]:
     """What the tokenizer side knows of each model: path, context, vocabulary, type, tool parser."""
     from crosspool_sgl.entrypoints.tool_parsers import parse_tool_call_parser_flag, resolve_tool_call_parser
-    from crosspool_sgl.managers.tokenizer_manager import ModelInfo
+    from crosspool_sgl.managers.model_tokenizer_manager import ModelInfo
 
     parser_flags = parse_tool_call_parser_flag(args.tool_call_parser, [s.name for s in args.engine.models])
     return {
@@ -588,29 +577,30 @@ def model_infos(args: ServerArgs, configs: dict[str, Any]) -> dict[str, Any]:
 def build_app(
     args: ServerArgs,
     configs: dict[str, Any],
-    tokenizers: dict[str, Any],
     children: ChildProcesses,
     startup_info: dict[str, Any],
     on_death: Callable[[str], None] = lambda reason: None,
 ) -> tuple[Any, dict[str, Any], Any]:
-    """The FastAPI app over a tokenizer manager wired to the children's sockets, with a watchdog."""
+    """The FastAPI app over a TokenizerManager per model wired to the children's sockets, with a
+    watchdog. Model `i` receives at `tokenizer-i` in the children's ipc directory."""
     from crosspool_sgl.entrypoints.http_server import create_app
     from crosspool_sgl.entrypoints.metrics import ServerMetrics
     from crosspool_sgl.entrypoints.watchdog import ChildWatchdog
-    from crosspool_sgl.managers.tokenizer_manager import MultiModelTokenizerManager
+    from crosspool_sgl.managers.admission import QueueBounds
+    from crosspool_sgl.managers.hosted_models import HostedModels
 
     models = model_infos(args, configs)
     metrics = ServerMetrics()
-    tm = MultiModelTokenizerManager(
+    hosted = HostedModels(
         models,
-        tokenizers,
-        children.scheduler_addr,
-        children.tokenizer_addr,
+        QueueBounds(args.max_pending_requests, args.max_pending_per_model),
         metrics.hooks(),
-        args.max_pending_requests,
-        args.max_pending_per_model,
         args.request_timeout_s,
     )
+    try:
+        hosted.connect(children.scheduler_addr, children.tokenizer_addr_of)
+    except ValueError as e:
+        raise StartupError(str(e)) from e
     started = time.time()
 
     def server_info() -> dict[str, Any]:
@@ -631,12 +621,12 @@ def build_app(
         }
 
     watchdog = ChildWatchdog(children.probes(), on_death)
-    app = create_app(tm, metrics, server_info, args.max_body_bytes, watchdog.start)
+    app = create_app(hosted, metrics, server_info, args.max_body_bytes, watchdog.start)
     if args.api_key:
         from crosspool_sgl.entrypoints.auth import ApiKeyMiddleware
 
         app.add_middleware(ApiKeyMiddleware, api_key=args.api_key, exempt=args.api_key_exempt)
-    return app, models, tm
+    return app, models, hosted
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -46,6 +46,7 @@ class Req:
     output_logprobs: list[tuple[float, int]] = field(default_factory=list)
     input_top_logprobs: list[list | None] = field(default_factory=list)
     output_top_logprobs: list[list] = field(default_factory=list)
+    input_logprobs_sent: bool = False  # the client's manager appends what it gets: send them once
 
     # timings
     admitted_time: float | None = None  # when it last started running (None while waiting)

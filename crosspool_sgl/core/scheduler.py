@@ -533,7 +533,11 @@ class MultiModelScheduler:
             else []
         )
         tops = req.output_top_logprobs[-num_new:] if num_new and req.top_logprobs_num else []
-        send_input = req.return_logprob and (req.finished or len(req.output_ids) == 1)
+        # once, complete: with the first token (or the finish of a prompt-only request)
+        send_input = (
+            req.return_logprob and not req.input_logprobs_sent and bool(req.finished or req.output_ids)
+        )
+        req.input_logprobs_sent = req.input_logprobs_sent or send_input
         self._outputs.append(
             ReqOutput(
                 rid=req.rid,

@@ -63,6 +63,7 @@ class ChildProcesses:
         self.scheduler_addr = f"ipc://{ipc_dir}/scheduler"
         self.detokenizer_addr = f"ipc://{ipc_dir}/detokenizer"
         self.tokenizer_addr = f"ipc://{ipc_dir}/tokenizer"
+        self.ipc_dir = ipc_dir
         ctx = start_context(args)
         paths = {s.name: s.path for s in args.engine.models}
         self.pipes: dict[str, Any] = {}
@@ -87,6 +88,11 @@ class ChildProcesses:
         self.start_error: BaseException | None = None
         self.starter = threading.Thread(target=self._start_all, name="crosspool-start-children", daemon=True)
         self.starter.start()
+
+    def tokenizer_addr_of(self, index: int) -> str:
+        """Where the `index`-th model's TokenizerManager receives its outputs (by index: model names
+        need not be path-safe)."""
+        return f"ipc://{self.ipc_dir}/tokenizer-{index}"
 
     def _start_all(self) -> None:
         try:

@@ -27,3 +27,42 @@ def unavailable(message: str) -> RequestError:
 def overloaded(message: str, retry_after_s: int = 1) -> RequestError:
     """429 with Retry-After: a queue bound is full (retrying later will help)."""
     return RequestError(message, 429, "TooManyRequests", headers={"Retry-After": str(retry_after_s)})
+
+
+def for_sglang(e: RequestError) -> Exception:
+    """Our error as SGLang's code expects it: its handlers answer a ValueError with 400 and keep an
+    HTTPException's status and headers (Retry-After on a 429). Either carries the original, so our
+    own routes render its `param` and type."""
+    from fastapi import HTTPException
+
+    if e.status_code == 400:
+        err: Exception = ValueError(e.message)
+    else:
+        err = HTTPException(status_code=e.status_code, detail=e.message, headers=e.headers or None)
+    err.request_error = e  # type: ignore[attr-defined]
+    return err
+
+
+def from_sglang(e: Exception) -> RequestError:
+    """What SGLang's manager raised, as our error: ours if it carries one, an HTTPException's status,
+    a ValueError or TypeError (a malformed request) as 400."""
+    from fastapi import HTTPException
+
+    original = getattr(e, "request_error", None)
+    if isinstance(original, RequestError):
+        return original
+    if isinstance(e, RequestError):
+        return e
+    if isinstance(e, HTTPException):
+        err_type = {503: "ServiceUnavailableError", 504: "TimeoutError", 429: "TooManyRequests"}.get(
+            e.status_code, "BadRequestError"
+        )
+        return RequestError(str(e.detail), e.status_code, err_type, headers=dict(e.headers or {}))
+    return RequestError(str(e))
+
+
+def is_client_error(e: BaseException) -> bool:
+    """Raised for the request's own sake (bad input, a bound, a gone engine), not a server bug."""
+    from fastapi import HTTPException
+
+    return isinstance(e, ValueError | TypeError | RequestError | HTTPException)

@@ -1,24 +1,27 @@
-"""One generation request checked and built: the one place every route's input passes.
+"""One generation request checked: the one place every route's input passes.
 
-`MultiModelTokenizerManager.submit` calls `check_request` before tokenising, `check_prompt` after,
-then `tokenized_request`, which builds what travels to the scheduler: SGLang's
-`TokenizedGenerateReqInput` with SGLang's `SamplingParams`, normalised as SGLang's TokenizerManager
-leaves them, plus the model (`MultiModelTokenizedGenerateReqInput`). So nothing malformed is ever
-sent (a seed "abc" or top_logprobs_num "x" used to end the scheduler process and every model with
-it). Errors are `RequestError`s: a 4xx with an OpenAI body.
+SGLang's TokenizerManager (`model_tokenizer_manager.py`, one per model) builds the request and
+checks sampling ranges and the context; these checks run inside it, before anything is tokenised
+or sent: the types SGLang trusts (a seed "abc" or top_logprobs_num "x" used to end the scheduler
+process and every model with it), lone surrogates, token ids outside the vocabulary, `rid` shapes,
+and the sampling parameters through our parser (`crosspool_sgl.sampling_params`), with the
+messages and `param` fields our error bodies carry. Errors are `RequestError`s: a 4xx with an
+OpenAI body.
 """
 
 from __future__ import annotations
 
-from array import array
 from typing import Any
 
 from crosspool_sgl.managers.errors import RequestError
-from crosspool_sgl.managers.io_struct import MultiModelTokenizedGenerateReqInput, with_unset_fields
-from crosspool_sgl.managers.io_struct import SamplingParams as SGLangSamplingParams
 from crosspool_sgl.sampling_params import InvalidRequestError, SamplingParams
 
 MAX_CHOICES = 128  # n (parallel samples) per request, as OpenAI's API bounds it
+# SGLang's sampling keys that our parser spells differently; `n` is the manager's, not a sampler's
+_RENAMED = {"sampling_seed": "seed"}
+_NOT_SAMPLING = {"n"}
+# GenerateReqInput fields for inputs this server has no model for (it serves text LLMs)
+_UNSUPPORTED = ("input_embeds", "image_data", "video_data", "audio_data", "lora_path", "session_params")
 
 
 def _is_int(v: Any) -> bool:
@@ -40,7 +43,8 @@ def check_token_ids(ids: Any, vocab_size: int, param: str = "input_ids") -> None
 
 
 def check_request(obj: Any, vocab_size: int) -> SamplingParams:
-    """The request's own fields (GenerateInput) and its sampling parameters; returns the parsed params."""
+    """The request's own fields (one normalised GenerateReqInput) and its sampling parameters;
+    returns the parsed params."""
     if obj.input_ids is not None:
         check_token_ids(obj.input_ids, vocab_size)
     elif obj.text is not None:
@@ -59,12 +63,42 @@ def check_request(obj: Any, vocab_size: int) -> SamplingParams:
         )
     if obj.rid is not None and (not isinstance(obj.rid, str) or not obj.rid or len(obj.rid) > 256):
         raise RequestError("`rid` must be a non-empty string of at most 256 characters", param="rid")
-    if not isinstance(obj.sampling_params, dict):
+    return our_sampling_params(obj.sampling_params)
+
+
+def our_sampling_params(params: Any) -> SamplingParams:
+    """SGLang's sampling dict through our parser (None means SGLang's default and is dropped)."""
+    if not isinstance(params, dict):
         raise RequestError("`sampling_params` must be an object", param="sampling_params")
+    ours = {_RENAMED.get(k, k): v for k, v in params.items() if v is not None and k not in _NOT_SAMPLING}
     try:
-        return SamplingParams.from_dict(obj.sampling_params)
+        return SamplingParams.from_dict(ours)
     except (InvalidRequestError, TypeError, ValueError) as e:
         raise RequestError(str(e), param="sampling_params") from e
+
+
+def rename_seed(params: Any) -> None:
+    """Our native API's `seed` is SGLang's `sampling_seed` (SGLang's SamplingParams knows no `seed`)."""
+    if isinstance(params, dict) and "seed" in params:
+        seed = params.pop("seed")
+        if params.get("sampling_seed") is None:
+            params["sampling_seed"] = seed
+
+
+def check_request_ids(rid: Any, is_single: bool) -> None:
+    """`rid`: a string, or one per prompt for a batch (SGLang's normaliser keeps e.g. `[]`)."""
+    rids = [rid] if is_single else rid
+    if not isinstance(rids, list) or not all(r is None or isinstance(r, str) for r in rids):
+        raise RequestError("`rid` must be a string (a list of strings for a batch)", param="rid")
+
+
+def check_supported_fields(obj: Any) -> None:
+    """Inputs for models this server does not host (images, audio, adapters) are refused by name."""
+    for name in _UNSUPPORTED:
+        value = getattr(obj, name, None)
+        given = any(v is not None for v in value) if isinstance(value, list) else value is not None
+        if given:
+            raise RequestError(f"`{name}` is not supported by this server", param=name)
 
 
 def check_prompt(
@@ -92,57 +126,3 @@ def check_prompt(
 def check_num_choices(n: Any) -> None:
     if n is not None and (not _is_int(n) or not 1 <= n <= MAX_CHOICES):
         raise RequestError(f"`n` must be an integer in [1, {MAX_CHOICES}], got {n!r}", param="n")
-
-
-def tokenized_request(
-    obj: Any, ids: list[int], params: SamplingParams, tokenizer: Any
-) -> MultiModelTokenizedGenerateReqInput:
-    """A checked request (GenerateInput, its prompt ids and parsed params) as SGLang's struct."""
-    start = obj.logprob_start_len
-    if obj.return_logprob and start < 0:
-        start = len(ids) - 1  # SGLang's default: only the last prompt position
-    return with_unset_fields(
-        MultiModelTokenizedGenerateReqInput,
-        rid=obj.rid,
-        model=obj.model,
-        input_text=obj.text,
-        input_ids=array("q", ids),
-        sampling_params=sglang_sampling_params(params, tokenizer),
-        return_logprob=obj.return_logprob,
-        logprob_start_len=start,
-        top_logprobs_num=obj.top_logprobs_num,
-        stream=obj.stream,
-    )
-
-
-def sglang_sampling_params(params: SamplingParams, tokenizer: Any) -> SGLangSamplingParams:
-    """Our parsed params as SGLang's SamplingParams, normalised as SGLang's TokenizerManager sends them
-    (its `__post_init__` spells greedy as top_k 1, `normalize` moves `stop` to `stop_strs`)."""
-    out = SGLangSamplingParams(
-        max_new_tokens=params.max_new_tokens,
-        stop=list(params.stop) or None,
-        stop_token_ids=set(params.stop_token_ids) or None,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=params.top_k,
-        min_p=params.min_p,
-        frequency_penalty=params.frequency_penalty,
-        presence_penalty=params.presence_penalty,
-        repetition_penalty=params.repetition_penalty,
-        min_new_tokens=params.min_new_tokens,
-        json_schema=params.json_schema,
-        regex=params.regex,
-        ebnf=params.ebnf,
-        structural_tag=params.structural_tag,
-        ignore_eos=params.ignore_eos,
-        skip_special_tokens=params.skip_special_tokens,
-        spaces_between_special_tokens=params.spaces_between_special_tokens,
-        no_stop_trim=params.no_stop_trim,
-        logit_bias={str(k): v for k, v in params.logit_bias.items()} if params.logit_bias else None,
-        sampling_seed=params.seed,
-    )
-    try:
-        out.normalize(tokenizer)
-    except ValueError as e:  # SGLang's own bounds (e.g. at most 32 stop strings)
-        raise RequestError(str(e), param="stop") from e
-    return out

@@ -1,5 +1,5 @@
 """The core's ReqOutputs as SGLang's BatchTokenIDOutput (managers/token_id_output.py), through SGLang's
-DetokenizerManager and back into the tokenizer side's per-request deltas (managers/output_delta.py):
+DetokenizerManager and read back per request (batch_str_rows.py, a reader of its BatchStrOutput):
 logprobs, counts and finish reasons survive, on both of SGLang's wire formats (pickle, msgpack)."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
+from batch_str_rows import OutputDelta
 from detok_helpers import detokenizer
 from sglang.srt.managers.io_struct import BatchStrOutput, msgpack_decode, msgpack_encode
 from transformers import AutoTokenizer
@@ -17,7 +18,6 @@ from crosspool_sgl.managers.io_struct import (
     GetInternalStateReqOutput,
     MultiModelBatchTokenIDOutput,
 )
-from crosspool_sgl.managers.output_delta import OutputDelta
 from crosspool_sgl.managers.token_id_output import DetokenizeOptions, TokenIdOutputs, ends_in_stop_prefix
 
 

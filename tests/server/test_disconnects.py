@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import time
@@ -11,7 +10,7 @@ from urllib.parse import urlparse
 import pytest
 
 from crosspool_sgl.managers.io_struct import AbortReq
-from crosspool_sgl.managers.tokenizer_manager import ModelInfo, MultiModelTokenizerManager
+from tests.managers.offline_front import offline_front
 
 
 def used_pages(server) -> int:
@@ -76,14 +75,6 @@ def test_disconnect_during_long_prefill_frees_pages(server):
     wait_pages(server, lambda n: n == 0, 5)
 
 
-class _FakeSender:
-    def __init__(self) -> None:
-        self.sent: list = []
-
-    def send_pyobj(self, obj, **kwargs) -> None:  # SGLang's sock_send (pickle, its default)
-        self.sent.append(obj)
-
-
 class _GoneClient:
     """A raw request whose client has already left."""
 
@@ -93,32 +84,28 @@ class _GoneClient:
         return True
 
 
-def test_disconnect_before_first_streamed_chunk_is_clean(tiny_models):
+def test_disconnect_before_first_streamed_chunk_is_clean(tiny_models, tmp_path):
     """SGLang's streaming completion handler raised UnboundLocalError when no output came before the
-    client left; our adapter yields an aborted final state instead, and the request is aborted."""
+    client left; the manager yields an aborted final result instead, and the request is aborted."""
     from sglang.srt.entrypoints.openai import protocol as oai
-    from transformers import AutoTokenizer
+    from sglang.srt.runtime_context import use_context
 
     from crosspool_sgl.entrypoints.sglang_openai import SGLangOpenAIHandlers
 
-    path = str(tiny_models["llama"])
-    info = ModelInfo("llama", path, context_len=4096, vocab_size=512, architecture="LlamaForCausalLM")
-    tm = MultiModelTokenizerManager({"llama": info}, {"llama": AutoTokenizer.from_pretrained(path)}, "", "")
-    tm.sender = _FakeSender()  # the scheduler never answers: the client leaves first
-    handlers = SGLangOpenAIHandlers(tm)
+    with offline_front(str(tiny_models["llama"]), tmp_path) as front:  # the scheduler never answers
+        with use_context(front.context):
+            handlers = SGLangOpenAIHandlers(front.hosted)
 
-    async def run() -> list[str]:
-        req = oai.CompletionRequest(
-            model="llama", prompt="hi", max_tokens=5, stream=True, stream_options={"include_usage": True}
-        )
-        resp = await handlers.completion["llama"].handle_request(req, _GoneClient())
-        chunks = [c async for c in resp.body_iterator]
-        if resp.background is not None:
-            await resp.background()
-        return chunks
+        async def run() -> list[str]:
+            req = oai.CompletionRequest(
+                model="llama", prompt="hi", max_tokens=5, stream=True, stream_options={"include_usage": True}
+            )
+            resp = await handlers.completion["llama"].handle_request(req, _GoneClient())
+            return [c async for c in resp.body_iterator]
 
-    chunks = asyncio.run(run())
-    assert chunks[-1].strip() == "data: [DONE]", chunks
-    assert not any("error" in c for c in chunks), chunks
-    assert any(isinstance(m, AbortReq) for m in tm.sender.sent)
-    assert not tm.rid_to_state
+        chunks = front.run(run())
+        assert chunks[-1].strip() == "data: [DONE]", chunks
+        assert not any("error" in c for c in chunks), chunks
+        # aborted at once (the scheduler's abort output then drops the state)
+        (rid,) = front.hosted.managers["llama"].rid_to_state
+        assert [m.rid for m in front.sent("llama", AbortReq)] == [rid]

@@ -1,5 +1,6 @@
-"""SGLang's `BatchStrOutput` (the detokenizer's message, parallel per-request lists) -> one
-`OutputDelta` per request: what the request gained since its previous row."""
+"""For tests: SGLang's `BatchStrOutput` (the detokenizer's message, parallel per-request lists) ->
+one `OutputDelta` per request: what the request gained since its previous row. (The server reads
+these messages with SGLang's own TokenizerManager.)"""
 
 from __future__ import annotations
 
