@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         (args.out_dir / f"{args.name}.md").write_text(md)
         (args.out_dir / f"{args.name}.json").write_text(
-            json.dumps({"sides": {k: str(v) for k, v in sides.items()}, "runs": results}, indent=1)
+            json.dumps({"sides": dict(s.split("=", 1) for s in args.side or []), "runs": results}, indent=1)
         )
     return 0
 
