@@ -25,7 +25,7 @@ from crosspool_sgl.entrypoints.http_io import (
     sse,
 )
 from crosspool_sgl.entrypoints.metrics import ServerMetrics
-from crosspool_sgl.managers.errors import RequestError, from_sglang, is_client_error
+from crosspool_sgl.managers.errors import RequestError, client_error, unavailable
 from crosspool_sgl.managers.hosted_models import HostedModels
 from crosspool_sgl.managers.model_tokenizer_manager import ModelInfo, ModelTokenizerManager
 
@@ -119,8 +119,12 @@ def build_native_router(hosted: HostedModels, server_info: Callable[[], dict]) -
 
         try:
             await asyncio.wait_for(asyncio.gather(*(one(n) for n in names)), timeout=60)
+        except TimeoutError:
+            raise unavailable("a model did not generate one token within 60 s") from None
         except Exception as e:
-            raise from_sglang(e) from e
+            if (err := client_error(e)) is None:
+                raise
+            raise err from e
         return JSONResponse({"status": "ok"})
 
     return router
@@ -134,9 +138,9 @@ async def handle_generate(tm: ModelTokenizerManager, obj: Any, request: Request)
     try:
         result = await anext(results)
     except Exception as e:
-        if not is_client_error(e):
+        if (err := client_error(e)) is None:
             raise
-        raise from_sglang(e) from e
+        raise err from e
     finally:
         await results.aclose()
     return JSONResponse(result)
@@ -150,9 +154,10 @@ async def _native_stream(tm: ModelTokenizerManager, obj: Any, request: Request) 
         async for result in results:
             yield sse(result)
     except Exception as e:
-        if not is_client_error(e):
+        err = client_error(e)
+        if err is None:
             logger.exception("a stream of %s failed", tm.model)
-        err = from_sglang(e)
+            err = RequestError(f"internal error: {type(e).__name__}", 500, "InternalServerError")
         yield sse(error_body(err.message, err.err_type, err.status_code, err.param))
     finally:
         await results.aclose()  # on disconnect: aborts the request now, not at garbage collection

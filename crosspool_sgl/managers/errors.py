@@ -61,8 +61,11 @@ def from_sglang(e: Exception) -> RequestError:
     return RequestError(str(e))
 
 
-def is_client_error(e: BaseException) -> bool:
-    """Raised for the request's own sake (bad input, a bound, a gone engine), not a server bug."""
+def client_error(e: BaseException) -> RequestError | None:
+    """What to answer for an exception raised for the request's own sake (bad input, a bound, a gone
+    engine: ours, SGLang's ValueError/TypeError or HTTPException); None for a server bug."""
     from fastapi import HTTPException
 
-    return isinstance(e, ValueError | TypeError | RequestError | HTTPException)
+    if isinstance(e, ValueError | TypeError | RequestError | HTTPException):
+        return from_sglang(e)  # type: ignore[arg-type]
+    return None

@@ -215,8 +215,6 @@ class ModelTokenizerManager(TokenizerManager):
                     result = step.result()
                 except StopAsyncIteration:
                     return
-                except RequestError as e:
-                    raise for_sglang(e) from e
                 if obj.stream:
                     _raise_if_failed(result)  # a non-streamed one SGLang raises itself
                     if not _release(gates, result):
@@ -400,5 +398,5 @@ async def _cancel(step: asyncio.Future) -> None:
     step.cancel()
     try:
         await step
-    except (asyncio.CancelledError, StopAsyncIteration, Exception):
-        pass
+    except (asyncio.CancelledError, Exception):
+        pass  # the generator's own cleanup ran; what it raised on the way out is moot
