@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import moe_gather
-from kernels.moe_gather import class_ffn, class_keys, decode_key
+from kernels.moe_gather import class_keys, group_ffn, shape_groups
 
 try:
     import triton
@@ -530,6 +530,38 @@ def _torch_tables(
     return (*(t.long() for t in ints), alpha.float(), limit.float())
 
 
+def _run_group(
+    hidden_states: torch.Tensor,
+    acc: torch.Tensor,
+    arena: torch.Tensor,
+    tables: tuple[torch.Tensor, ...],
+    group: moe_gather.ShapeGroup,
+    tokens: torch.Tensor,
+    slots: torch.Tensor,
+    weights: torch.Tensor,
+) -> None:
+    """Adds one shape group's pairs (tokens/slots/weights [n], sorted by I) into acc [T, W]:
+    gathered as one group when it fits the budgets, else each I on its own (gathered, or past the
+    budgets slot by slot)."""
+    if not group.fits_budget():
+        if len(group.inters) == 1:
+            _per_slot_loop(hidden_states, acc, tokens, slots, weights, arena, tables)
+            return
+        start = 0
+        for alone in group.split():
+            end = start + alone.counts[0]
+            _run_group(
+                hidden_states, acc, arena, tables, alone, *(t[start:end] for t in (tokens, slots, weights))
+            )
+            start = end
+        return
+    gather_tables = (tables[0], tables[1], tables[4], tables[6], tables[7])
+    hidden, width = group.hidden, acc.shape[1]
+    down = group_ffn(hidden_states[tokens, :hidden], slots, arena, gather_tables, group)  # [n, H]
+    down = down.to(torch.float32) * weights[:, None]
+    acc.index_add_(0, tokens, down if hidden == width else F.pad(down, (0, width - hidden)))
+
+
 def fused_moe_torch(
     hidden_states: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -547,9 +579,9 @@ def fused_moe_torch(
 ) -> torch.Tensor:
     """Same result as `fused_moe` in plain torch, accumulated in fp32: the CPU serving path.
 
-    Pairs are grouped by shape class (kernels/moe_gather.py); a class whose gathered weights
-    are small (kernels/moe_gather.py's budgets) runs as two batched products, a bigger one slot
-    by slot on arena views.
+    Pairs are grouped by (H, activation, biases, I rounded up to 64) (kernels/moe_gather.py); a
+    group whose gathered weights are small (kernels/moe_gather.py's budgets) runs as two batched
+    products, a bigger one slot by slot on arena views.
     """
     _check_inputs(
         hidden_states, topk_ids, topk_weights, arena, w13_offset, w2_offset, hidden_size, inter_size
@@ -570,23 +602,15 @@ def fused_moe_torch(
     keys, inverse, counts = torch.unique(
         class_keys(hidden_t, inter_t, kind_t, bias_t), return_inverse=True, return_counts=True
     )
-    if len(keys) > 1:  # pairs sorted by class (stable), so each class is a slice of them
+    if len(keys) > 1:  # pairs sorted by (group, I) (stable), so each group is a slice of them
         order = torch.argsort(inverse, stable=True)
         tokens, slots, weights = tokens[order], slots[order], weights[order]
-    gather_tables = (tables[0], tables[1], tables[4], tables[6], tables[7])
     start = 0
-    for key, count in zip(keys.tolist(), counts.tolist(), strict=True):
-        shape = decode_key(key)
-        hidden, inter = shape[0], shape[1]
-        tok, cls_slots, cls_weights = (t[start : start + count] for t in (tokens, slots, weights))  # [n]
-        start += count
-        per_pair = 3 * inter * hidden
-        if per_pair > moe_gather.GATHER_PAIR_MAX or count * per_pair > moe_gather.GATHER_BUDGET:
-            _per_slot_loop(hidden_states, acc, tok, cls_slots, cls_weights, arena, tables)
-            continue
-        down = class_ffn(hidden_states[tok, :hidden], cls_slots, arena, gather_tables, shape)  # [n, H]
-        down = down.to(torch.float32) * cls_weights[:, None]
-        acc.index_add_(0, tok, down if hidden == width else F.pad(down, (0, width - hidden)))
+    for group in shape_groups(keys.tolist(), counts.tolist()):
+        end = start + sum(group.counts)
+        pairs = (tokens[start:end], slots[start:end], weights[start:end])  # [n] each
+        _run_group(hidden_states, acc, arena, tables, group, *pairs)
+        start = end
     return acc.to(hidden_states.dtype)
 
 

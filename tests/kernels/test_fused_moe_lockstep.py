@@ -63,7 +63,7 @@ def test_padded_rows_of_three_models(fn, dtype: torch.dtype, extras: bool) -> No
 def test_torch_strategies_are_exact(monkeypatch, budget: int, extras: bool) -> None:
     """Both CPU strategies, forced by the gather budget, on several classes mixed in one call."""
     calls = {"class": 0}
-    real = moe_gather.class_ffn
+    real = moe_gather.group_ffn
 
     def counted(*a, **k):
         calls["class"] += 1
@@ -71,7 +71,7 @@ def test_torch_strategies_are_exact(monkeypatch, budget: int, extras: bool) -> N
 
     monkeypatch.setattr(moe_gather, "GATHER_BUDGET", budget)
     monkeypatch.setattr(moe_gather, "GATHER_PAIR_MAX", budget)
-    monkeypatch.setattr(fused_moe_module, "class_ffn", counted)
+    monkeypatch.setattr(fused_moe_module, "group_ffn", counted)
     torch.manual_seed(12)
     check_mixed(fused_moe_torch, torch.float32, extras)
     assert (calls["class"] > 0) == (budget > 0)  # the strategy asked for is the one that ran
@@ -92,8 +92,15 @@ def test_all_padding_and_sentinel_blocks() -> None:
 
 
 def test_class_keys_round_trip() -> None:
-    hidden, inter = torch.tensor([2880, 64]), torch.tensor([2880, 48])
-    kind, bias = torch.tensor([1, 0]), torch.tensor([10, -1])
-    keys = moe_gather.class_keys(hidden, inter, kind, bias).tolist()
-    assert [moe_gather.decode_key(k) for k in keys] == [(2880, 2880, 1, True), (64, 48, 0, False)]
+    hidden, inter = torch.tensor([2880, 64, 64, 64, 64]), torch.tensor([2880, 48, 128, 48, 60])
+    kind, bias = torch.tensor([1, 0, 0, 0, 0]), torch.tensor([10, -1, -1, 7, -1])
+    keys, counts = torch.unique(moe_gather.class_keys(hidden, inter, kind, bias), return_counts=True)
+    groups = moe_gather.shape_groups(keys.tolist(), counts.tolist())
+    got = {(g.hidden, g.kind, g.has_bias, g.inters, g.counts) for g in groups}
+    assert got == {
+        (2880, 1, True, (2880,), (1,)),
+        (64, 0, False, (48, 60), (1, 1)),  # both round up to 64: one group
+        (64, 0, False, (128,), (1,)),
+        (64, 0, True, (48,), (1,)),
+    }
     assert moe_gather.ACT_SWIGLU_CLAMPED == fused_moe_module.ACT_SWIGLU_CLAMPED
