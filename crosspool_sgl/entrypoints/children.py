@@ -62,7 +62,6 @@ class ChildProcesses:
     def __init__(self, args: ServerArgs, ipc_dir: str) -> None:
         self.scheduler_addr = f"ipc://{ipc_dir}/scheduler"
         self.detokenizer_addr = f"ipc://{ipc_dir}/detokenizer"
-        self.tokenizer_addr = f"ipc://{ipc_dir}/tokenizer"
         self.ipc_dir = ipc_dir
         ctx = start_context(args)
         paths = {s.name: s.path for s in args.engine.models}
@@ -71,7 +70,7 @@ class ChildProcesses:
         self.ffn_pids: list[int] = []
         for name, target, targs in (
             ("scheduler", _SCHEDULER_ENTRY, (args.engine, self.scheduler_addr, self.detokenizer_addr)),
-            ("detokenizer", _DETOKENIZER_ENTRY, (paths, self.detokenizer_addr, self.tokenizer_addr)),
+            ("detokenizer", _DETOKENIZER_ENTRY, (paths, self.detokenizer_addr)),
         ):
             reader, writer = ctx.Pipe(duplex=False)
             kwargs = {"log_level": args.log_level}

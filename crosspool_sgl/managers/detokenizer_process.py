@@ -9,15 +9,16 @@ The subclass overrides only what several models need:
   `MultiModelBatchTokenIDOutput` per model per step), and fails that message's requests with a 500
   instead of ending the process when decoding raises;
 - `init_request_dispatcher`: control replies (`FlushCacheReqOutput`, `GetInternalStateReqOutput`)
-  pass through to the tokenizer side unchanged;
-- `event_loop`: SGLang's loop, sending each output to the `http_worker_ipc` the message names
-  one (each model's `ModelTokenizerManager` binds its own address; the scheduler sends one message per
-  model and destination per step, so a message is never split), else to the one tokenizer socket
-  (`MultiModelTokenizerManager`). SGLang's own fan-out (`multi_http_worker_event_loop`) needs every
-  message to name a destination; this one serves both front ends.
+  pass through to the tokenizer side unchanged.
+
+Outputs go back by SGLang's multi-HTTP-worker machinery: the published config has
+`tokenizer_worker_num > 1`, so the manager opens no default tokenizer socket and its
+`multi_http_worker_event_loop` sends each output to the `http_worker_ipc` its message names (each
+model's `ModelTokenizerManager` binds its own address and stamps it on what it sends; the
+scheduler sends one message per model and destination per step, so a message is never split).
 
 Its constructor needs a published SGLang config (role "detokenizer", model-independent serving
-flags) and a `PortArgs`, of which only the two socket names are read: we build both.
+flags) and a `PortArgs`, of which only the scheduler-side socket name is read: we build both.
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ from array import array
 from typing import Any
 
 from sglang.srt.managers.detokenizer_manager import DetokenizerManager
-from sglang.srt.managers.io_struct import BaseBatchReq, BaseReq, BatchStrOutput, sock_recv, sock_send
-from sglang.srt.managers.multi_tokenizer_mixin import SocketMapping
+from sglang.srt.managers.io_struct import BatchStrOutput
 from sglang.srt.server_args import PortArgs, ServerArgs
 
 from crosspool_sgl.managers.io_struct import MultiModelBatchTokenIDOutput, with_unset_fields
@@ -59,20 +59,6 @@ class MultiModelDetokenizerManager(DetokenizerManager):
         super().init_request_dispatcher()
         self._request_dispatcher.add_fallback_fn(lambda msg: msg)  # control replies: forward as they are
 
-    def event_loop(self) -> None:
-        """SGLang's loop (watchdog included); the output goes where `destination` says."""
-        self.socket_mapping = SocketMapping()
-        while True:
-            with self.soft_watchdog.disable():
-                recv_obj = sock_recv(self.recv_from_scheduler)
-            output = self._request_dispatcher(recv_obj)
-            for dest in destinations(output) if output is not None else ():
-                if dest is None:
-                    sock_send(self.send_to_tokenizer, output)
-                else:
-                    self.socket_mapping.send_output(dest, output, is_tokenizer=True)
-            self.soft_watchdog.feed()
-
     def use_model(self, model: str) -> None:
         self.tokenizer = self.tokenizers[model]
         self.vocab_size = self.vocab_sizes[model]
@@ -97,7 +83,7 @@ class MultiModelDetokenizerManager(DetokenizerManager):
         return with_unset_fields(
             BatchStrOutput,
             rids=rids,
-            http_worker_ipcs=[None] * n,
+            http_worker_ipcs=list(recv_obj.http_worker_ipcs or [None] * n),
             finished_reasons=[dict(reason) for _ in rids],
             output_strs=[""] * n,
             output_ids=[array("q") for _ in rids],
@@ -106,21 +92,6 @@ class MultiModelDetokenizerManager(DetokenizerManager):
             reasoning_tokens=[0] * n,
             cached_tokens=list(recv_obj.cached_tokens),
         )
-
-
-def destinations(output: Any) -> list[str | None]:
-    """The tokenizer-side addresses an output is for: its `http_worker_ipc`(s); None is the default.
-
-    The scheduler sends one destination per message. Should a message name several, each of them
-    gets all of it (a manager skips rows it does not know) rather than the process ending."""
-    if isinstance(output, BaseReq):
-        return [output.http_worker_ipc]
-    if isinstance(output, BaseBatchReq):
-        dests = list(dict.fromkeys(output.http_worker_ipcs or [None]))
-        if len(dests) > 1:
-            logger.error("one message for %d tokenizer managers: sent to each", len(dests))
-        return dests
-    return [None]
 
 
 def _vocab_size(tokenizer: Any) -> int | None:
@@ -132,14 +103,16 @@ def _vocab_size(tokenizer: Any) -> int | None:
 
 
 def detokenizer_server_args(model_paths: dict[str, str]) -> ServerArgs:
-    """The SGLang config the manager reads (serving flags only): SGLang's defaults, first model's path."""
-    return ServerArgs(model_path=next(iter(model_paths.values())), device="cpu")
+    """The SGLang config the manager reads (serving flags only): SGLang's defaults, first model's path,
+    and its multi-HTTP-worker mode (one tokenizer manager per model, each with its own address)."""
+    return ServerArgs(model_path=next(iter(model_paths.values())), device="cpu", tokenizer_worker_num=2)
 
 
-def detokenizer_port_args(recv_addr: str, send_addr: str) -> PortArgs:
-    """The manager binds `detokenizer_ipc_name` (from the scheduler), connects `tokenizer_ipc_name`."""
+def detokenizer_port_args(recv_addr: str) -> PortArgs:
+    """The manager binds `detokenizer_ipc_name` (from the scheduler); outputs go to each message's
+    `http_worker_ipc`, so there is no tokenizer socket to name."""
     return PortArgs(
-        tokenizer_ipc_name=send_addr,
+        tokenizer_ipc_name="",
         scheduler_input_ipc_name="",
         detokenizer_ipc_name=recv_addr,
         nccl_port=0,
@@ -169,11 +142,10 @@ def exit_with_launcher() -> None:
 def run_detokenizer_process(
     model_paths: dict[str, str],
     recv_addr: str,
-    send_addr: str,
     pipe_writer: Any,
     log_level: str = "info",
 ) -> None:
-    """Process entry (top level for `spawn`): recv from the scheduler, send to the tokenizer side.
+    """Process entry (top level for `spawn`): recv from the scheduler, send to each tokenizer manager.
 
     Like SGLang's `run_detokenizer_process`: publish the config, build the manager, run its loop,
     and die with the parent (prctl). SIGINT is the launcher's (it drains first); SIGTERM ends us."""
@@ -192,12 +164,10 @@ def run_detokenizer_process(
         publish(server_args, role="detokenizer")
         # The same loader as the tokenizer side (launch_server.load_tokenizers), so both decode alike.
         tokenizers = {name: AutoTokenizer.from_pretrained(path) for name, path in model_paths.items()}
-        manager = MultiModelDetokenizerManager(
-            server_args, detokenizer_port_args(recv_addr, send_addr), tokenizers
-        )
+        manager = MultiModelDetokenizerManager(server_args, detokenizer_port_args(recv_addr), tokenizers)
     except Exception as e:
         logger.exception("detokenizer failed to start")
         pipe_writer.send({"status": "error", "message": f"{type(e).__name__}: {e}"})
         raise SystemExit(1) from e
     pipe_writer.send({"status": "ready"})
-    manager.event_loop()
+    manager.multi_http_worker_event_loop()

@@ -1,6 +1,6 @@
 """The engine core's `ReqOutput`s -> SGLang's `BatchTokenIDOutput`, one message per model and
 destination per step (the destination: the `http_worker_ipc` the request came with, that is the
-`ModelTokenizerManager` that sent it; None for the one default tokenizer socket).
+`ModelTokenizerManager` that sent it: the detokenizer routes by it, there is no default socket).
 
 What SGLang's scheduler sends its detokenizer (its `output_streamer.py`), built from our outputs:
 - `decode_ids`: the step's new token ids, `read_offsets` 0 and `decoded_texts` "" on the first
@@ -54,7 +54,7 @@ class DetokenizeOptions:
 @dataclass
 class _Stream:
     options: DetokenizeOptions
-    dest: str | None = None  # the manager that sent it (SGLang's http_worker_ipc); None: the default
+    dest: str | None = None  # the manager that sent it (SGLang's http_worker_ipc); None in unit tests only
     tail: list[int] = field(default_factory=list)  # the last output ids, for the stop-prefix check
     held: ReqOutput | None = None  # outputs not sent yet (they end in a stop string's beginning)
 

@@ -79,14 +79,13 @@ def detokenizer(
 
     paths = dict.fromkeys(tokenizers, model_path)
     server_args = detokenizer_server_args(paths)
-    port_args = detokenizer_port_args(f"ipc://{tmp_path}/detok-in", f"ipc://{tmp_path}/detok-out")
+    port_args = detokenizer_port_args(f"ipc://{tmp_path}/detok-in")
     with runtime_context.use_context(runtime_context.create_context(server_args, role="detokenizer")):
         manager = MultiModelDetokenizerManager(server_args, port_args, tokenizers)
     try:
         yield manager
     finally:
         manager.recv_from_scheduler.close(linger=0)
-        manager.send_to_tokenizer.close(linger=0)
 
 
 def stream(

@@ -121,9 +121,12 @@ def test_a_batch_that_cannot_be_decoded_fails_its_requests_only(manager, tokeniz
         raise RuntimeError("injected")
 
     monkeypatch.setattr(tokenizers["spm"], "batch_decode", broken)
-    (msg,) = TokenIdOutputs({}).convert([ReqOutput("x", "spm", [5], [], [], False, None, 1, 1)])
+    outputs = TokenIdOutputs({})
+    outputs.add("x", DetokenizeOptions(), "ipc://spm-front")
+    (msg,) = outputs.convert([ReqOutput("x", "spm", [5], [], [], False, None, 1, 1)])
     out = manager.handle_batch_token_id_out(msg)
     assert out.finished_reasons[0]["status_code"] == 500 and "injected" in out.finished_reasons[0]["message"]
+    assert out.http_worker_ipcs == ["ipc://spm-front"]  # the 500 goes back to the model's manager
     assert "x" not in manager.decode_status
     assert "".join(stream(manager, "demo", [5, 6, 7])) == tokenizers["demo"].decode([5, 6, 7])  # others go on
 
@@ -150,3 +153,21 @@ def test_cost_per_token_does_not_grow_with_output_length(tokenizers, tmp_path, m
         decoded_per_token(tokenizers, tmp_path, model_path, model, 1024),
     )
     assert long <= 1.1 * short and long < 8, (short, long)
+
+
+def test_each_output_goes_whole_to_the_manager_that_sent_its_requests(manager, tokenizers):
+    """The process runs SGLang's `multi_http_worker_event_loop` (no default tokenizer socket): it
+    routes by the message's `http_worker_ipcs` and, one destination per message, sends the output
+    whole, not one message per request (what it falls back to when an output cannot be split)."""
+    from sglang.srt.managers.multi_tokenizer_mixin import _split_batch_by_key
+
+    assert not hasattr(manager, "send_to_tokenizer")
+    outputs = TokenIdOutputs({})
+    for rid in ("a", "b", "c"):
+        outputs.add(rid, DetokenizeOptions(), "ipc://demo-front")
+    ids = tokenizers["demo"].encode("hello there", add_special_tokens=False)
+    (msg,) = outputs.convert([ReqOutput(r, "demo", ids, [], [], False, None, 3, len(ids)) for r in "abc"])
+    out = manager.handle_batch_token_id_out(msg)
+    [(dest, whole)] = _split_batch_by_key(out, msg.http_worker_ipcs)
+    assert dest == "ipc://demo-front" and whole.rids == ["a", "b", "c"]
+    assert whole.output_strs == out.output_strs == [tokenizers["demo"].decode(ids)] * 3
