@@ -70,6 +70,7 @@ DISCONNECT_POLL_S = 0.25  # how often a waiting request checks its client and it
 # 50 MB prompt tokenised on it stalled /health for over a minute.
 TOKENIZE_INLINE_CHARS = 4096
 _SAMPLE_COUNTER = "_crosspool_sample_counter"  # on the sub-requests of an n > 1 request
+_OUR_PARAMS = "_crosspool_sampling_params"  # our parse of a request's sampling params, for the prompt check
 _PER_MODEL_CONFIG = frozenset({"tool_call_parser", "reasoning_parser"})
 
 
@@ -293,7 +294,7 @@ class ModelTokenizerManager(TokenizerManager):
         """Our field checks (types SGLang trusts, token ids in the vocabulary, a text too long for
         any tokenisation to fit the context) before SGLang tokenises."""
         try:
-            check_request(obj, self.info.vocab_size)
+            setattr(obj, _OUR_PARAMS, check_request(obj, self.info.vocab_size))
             self._check_text_length(obj)
         except RequestError as e:
             raise for_sglang(e) from e
@@ -325,9 +326,11 @@ class ModelTokenizerManager(TokenizerManager):
     def _validate_one_request(self, obj: Any, input_ids: list[int]) -> None:
         """Our prompt checks (non-empty, in the vocabulary, room for the completion), then SGLang's."""
         try:
-            params = our_sampling_params(obj.sampling_params)
+            params = getattr(obj, _OUR_PARAMS, None) or our_sampling_params(obj.sampling_params)
             info = self.info
-            check_prompt(list(input_ids or []), params, info.context_len, info.vocab_size, self.model)
+            tokenised = obj.input_ids is None  # given ids were checked against the vocabulary already
+            ids = list(input_ids or [])
+            check_prompt(ids, params, info.context_len, info.vocab_size, self.model, check_vocab=tokenised)
         except RequestError as e:
             raise for_sglang(e) from e
         super()._validate_one_request(obj, input_ids)

@@ -102,9 +102,15 @@ def check_supported_fields(obj: Any) -> None:
 
 
 def check_prompt(
-    ids: list[int], params: SamplingParams, context_len: int, vocab_size: int, model: str
+    ids: list[int],
+    params: SamplingParams,
+    context_len: int,
+    vocab_size: int,
+    model: str,
+    check_vocab: bool = True,
 ) -> None:
-    """The tokenised prompt: non-empty, in the vocabulary, and room for the completion in the context."""
+    """The tokenised prompt: non-empty, in the vocabulary (a tokenizer's added tokens can lie past the
+    model's; `check_vocab=False` for ids `check_request` saw), room for the completion in the context."""
     if not ids:
         raise RequestError("the prompt is empty", param="prompt")
     if len(ids) >= context_len:
@@ -113,7 +119,8 @@ def check_prompt(
             f"but the prompt has {len(ids)} tokens (model {model!r})",
             param="prompt",
         )
-    check_token_ids(ids, vocab_size)
+    if check_vocab:
+        check_token_ids(ids, vocab_size)
     if len(ids) + params.max_new_tokens > context_len:
         raise RequestError(
             f"This model's maximum context length is {context_len} tokens; you requested "
