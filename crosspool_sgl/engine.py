@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from crosspool_sgl.core.req import Req, ReqOutput
-from crosspool_sgl.managers.result_format import LogprobLists, format_result, trim_stop
+from crosspool_sgl.managers.result_format import LogprobLists, format_result, ids_to_decode, trim_stop
 from crosspool_sgl.mem.residency_manager import models_with_requests
 from crosspool_sgl.runtime import Runtime, build_runtime
 from crosspool_sgl.sampling_params import InvalidRequestError, SamplingParams
@@ -85,8 +85,10 @@ class Engine:
         return_logprob: bool | list[bool] = False,
         logprob_start_len: int | list[int] | None = None,
         top_logprobs_num: int | list[int] = 0,
+        return_text_in_logprobs: bool = False,
     ) -> dict | list[dict]:
-        """Run to completion; a single prompt gives a dict, a batch a list of dicts."""
+        """Run to completion; a single prompt gives a dict, a batch a list of dicts. As SGLang's
+        Engine, logprob entries are [logprob, token id, its text or None (`return_text_in_logprobs`)]."""
         single = isinstance(prompt, str) or (
             input_ids is not None and input_ids and isinstance(input_ids[0], int)
         )
@@ -107,7 +109,7 @@ class Engine:
         ]
         for r in reqs:
             self.scheduler.add_request(r)
-        results = self._run_until_done(reqs)
+        results = self._run_until_done(reqs, return_text_in_logprobs)
         return results[0] if single else results
 
     def shutdown(self) -> None:
@@ -153,8 +155,8 @@ class Engine:
                 f"model {model!r} is not hosted (hosted: {', '.join(self.runtime.models)})"
             )
         ids = self.runtime.tokenizers[model].encode(item) if is_text else list(item)
-        if logprob_start_len is None:
-            logprob_start_len = 0 if return_logprob else -1
+        if logprob_start_len is None:  # SGLang's default: output logprobs only
+            logprob_start_len = -1
         return Req(
             rid=f"engine-{next(self._rid)}",
             model=model,
@@ -165,18 +167,19 @@ class Engine:
             top_logprobs_num=top_logprobs_num or 0,
         )
 
-    def _run_until_done(self, reqs: list[Req]) -> list[dict]:
+    def _run_until_done(self, reqs: list[Req], logprob_texts: bool = False) -> list[dict]:
         start = time.monotonic()
         pending = {r.rid for r in reqs}
         while pending:
             outputs: list[ReqOutput] = self.scheduler.step()
             pending -= {o.rid for o in outputs if o.finished}
-        return [self._result(r, time.monotonic() - start) for r in reqs]
+        return [self._result(r, time.monotonic() - start, logprob_texts) for r in reqs]
 
-    def _result(self, req: Req, latency: float) -> dict:
+    def _result(self, req: Req, latency: float, logprob_texts: bool = False) -> dict:
         tok = self.runtime.tokenizers[req.model]
         ids = req.output_ids
-        text = tok.decode(ids, skip_special_tokens=req.params.skip_special_tokens)
+        shown = ids_to_decode(ids, req.finish_reason, req.params.no_stop_trim)
+        text = tok.decode(shown, skip_special_tokens=req.params.skip_special_tokens)
         meta = {
             "id": req.rid,
             "model": req.model,
@@ -197,7 +200,8 @@ class Engine:
                 req.input_top_logprobs if tops else None,
             )
         text = trim_stop(text, req.finish_reason, req.params.no_stop_trim)
-        return format_result(text, ids, meta, logprobs, None)
+        decode = (lambda t: tok.decode([t])) if logprob_texts else None  # as SGLang: each id alone
+        return format_result(text, ids, meta, logprobs, decode)
 
 
 def _model_spec(name: str, value: str | dict) -> ModelSpec:

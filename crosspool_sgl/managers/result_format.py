@@ -1,8 +1,12 @@
-"""SGLang's result dict (`text`, `output_ids`, `meta_info`), built one way for the server and the Engine.
+"""The offline Engine's result dict (`text`, `output_ids`, `meta_info`): what the server returns.
 
-The tokenizer side (`tokenizer_manager.py`) and the offline Engine (`engine.py`) both return
-what SGLang's `TokenizerManager` / `Engine.generate` return; the detokenizer and the Engine trim
-a matched stop string the same way. Logprob entries are SGLang's triples
+The server's results are built by SGLang's own code (its `DetokenizerManager` trims, its
+`TokenizerManager` formats). The offline Engine cannot use that code: it runs no manager, and
+importing SGLang's managers costs ~12 s, which an `import crosspool_sgl` must not. So this module
+follows SGLang's rules (its `DetokenizerManager.trim_matched_stop`, `TokenizerManager`'s
+`detokenize_logprob_tokens`), and a test holds the Engine's results equal to the server's for stop
+strings and stop tokens, trimmed or not, with logprob entries and their texts
+(tests/managers/test_model_tokenizer_manager.py). Logprob entries are SGLang's triples
 `[logprob, token_id, text or None]` (the text with `return_text_in_logprobs`).
 """
 
@@ -12,17 +16,26 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LogprobLists", "format_result", "trim_stop"]
+__all__ = ["LogprobLists", "format_result", "ids_to_decode", "trim_stop"]
 
 Decode = Callable[[int], str] | None  # token id -> its text, for `return_text_in_logprobs`
 
 
 def trim_stop(text: str, finish_reason: dict | None, no_stop_trim: bool = False) -> str:
-    """The text up to the stop string it finished on (SGLang's default; `no_stop_trim` keeps it)."""
+    """The text up to the stop string it finished on; with `no_stop_trim`, up to its end."""
     matched = (finish_reason or {}).get("matched")
-    if isinstance(matched, str) and not no_stop_trim and matched in text:
-        return text[: text.index(matched)]
-    return text
+    if not isinstance(matched, str) or (pos := text.find(matched)) < 0:
+        return text
+    return text[: pos + len(matched)] if no_stop_trim else text[:pos]
+
+
+def ids_to_decode(ids: Sequence[int], finish_reason: dict | None, no_stop_trim: bool = False) -> list[int]:
+    """The output ids whose text the result shows: without the stop token it finished on (its
+    `output_ids` keep it), unless `no_stop_trim`."""
+    matched = (finish_reason or {}).get("matched")
+    if isinstance(matched, int) and not isinstance(matched, bool) and ids and not no_stop_trim:
+        return list(ids[:-1])
+    return list(ids)
 
 
 @dataclass

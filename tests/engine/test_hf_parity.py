@@ -44,6 +44,7 @@ def engine_outputs(tiny_models):
         model=models,
         sampling_params={"temperature": 0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True},
         return_logprob=True,
+        logprob_start_len=0,  # the prompt's logprobs too (SGLang's default -1 gives output logprobs only)
     )
     used_after = (eng.scheduler.request_pages(), eng.runtime.kv_pool.used_pages())
     eng.scheduler.flush_cache()

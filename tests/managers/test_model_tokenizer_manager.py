@@ -215,3 +215,60 @@ def test_control_replies_reach_the_manager_that_asked(front: Front):
         assert set(state["kv_pool"]["used_pages"]) == set(MODELS)
     for tm, flush in zip(front.new.values(), flushes, strict=True):
         assert flush.success and flush.http_worker_ipc == tm.tokenizer_ipc_name
+
+
+def _stop_cases(front: Front) -> list[dict[str, Any]]:
+    """Stop strings and stop token ids that the greedy output of PROMPTS[0] really reaches (so each
+    case finishes on them), with and without trimming, with logprobs and their texts."""
+    model = "llama"
+    tok = front.engine.runtime.tokenizers[model]
+    ref = front.reference(model, PROMPTS[0], max_new_tokens=12)
+    ids, text = list(ref["output_ids"]), ref["text"]
+    word = tok.decode(ids[3:5]).strip() or text[3:6]
+    stop_id = ids[4]
+    logprobs = {"return_logprob": True, "top_logprobs_num": 2, "return_text_in_logprobs": True}
+    cases = []
+    for no_trim in (False, True):
+        cases.append({"stop": [word], "no_stop_trim": no_trim})
+        cases.append({"stop_token_ids": [stop_id], "no_stop_trim": no_trim})
+    cases += [{**c, "_logprobs": logprobs} for c in cases[:2]]
+    cases.append({"stop": [word], "_logprobs": {**logprobs, "logprob_start_len": 0}})  # the prompt's too
+    return cases
+
+
+def test_offline_engine_and_server_format_stops_and_logprobs_alike(front: Front):
+    """The offline Engine's result equals the server's (SGLang's TokenizerManager and detokenizer)
+    for stop strings and stop tokens, trimmed or not, with logprob entries and their texts."""
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    model = "llama"
+    for case in _stop_cases(front):
+        extra = case.pop("_logprobs", {})
+        sampling = _greedy(12, **case)
+        ref = front.engine.generate(PROMPTS[0], sampling, model=model, **extra)
+        assert ref["meta_info"]["finish_reason"]["type"] == "stop", case
+
+        async def one(sampling: dict[str, Any], extra: dict[str, Any]) -> list[Any]:
+            obj = GenerateReqInput(text=PROMPTS[0], sampling_params=dict(sampling), **extra)
+            return [r async for r in front.new[model].generate_request(obj)]
+
+        (got,) = front.run(one(sampling, extra))
+        assert got["text"] == ref["text"], case
+        assert list(got["output_ids"]) == list(ref["output_ids"]), case
+        assert got["meta_info"]["finish_reason"] == ref["meta_info"]["finish_reason"], case
+        for key in ("input_token_logprobs", "output_token_logprobs", "output_top_logprobs"):
+            if extra:  # ids and texts exact; values to rounding (the server's process runs 1 torch thread)
+                assert _entries(got["meta_info"][key]) == _entries(ref["meta_info"][key]), (case, key)
+                assert _values(got["meta_info"][key]) == pytest.approx(
+                    _values(ref["meta_info"][key]), abs=1e-5
+                )
+
+
+def _entries(rows: list) -> list:
+    """Logprob entries [logprob, id, text] (or rows of them) without the logprob values."""
+    return [_entries(r) if r and isinstance(r[0], list | tuple) else (r and list(r)[1:]) for r in rows]
+
+
+def _values(rows: list) -> list:
+    flat = [e for r in rows for e in (r if r and isinstance(r[0], list | tuple) else [r])]
+    return [1.0 if e[0] is None else e[0] for e in flat if e]  # 1.0: no logprob (the first prompt token)

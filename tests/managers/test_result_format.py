@@ -1,16 +1,25 @@
-"""The one result formatter of the server and the Engine: SGLang's dict, stop trimming, logprob triples."""
+"""The offline Engine's result formatter: SGLang's dict, its stop trimming, logprob triples (that the
+Engine's results equal the server's is tests/managers/test_model_tokenizer_manager.py's)."""
 
 from __future__ import annotations
 
-from crosspool_sgl.managers.result_format import LogprobLists, format_result, trim_stop
+from crosspool_sgl.managers.result_format import LogprobLists, format_result, ids_to_decode, trim_stop
 
 
 def test_trim_stop_cuts_at_the_matched_string_unless_asked_not_to():
     reason = {"type": "stop", "matched": "ccc"}
     assert trim_stop("abcccd", reason) == "ab"
-    assert trim_stop("abcccd", reason, no_stop_trim=True) == "abcccd"
+    assert trim_stop("abcccd", reason, no_stop_trim=True) == "abccc"  # as SGLang: up to the stop's end
     assert trim_stop("abcccd", {"type": "stop", "matched": 7}) == "abcccd"  # a stop token id
     assert trim_stop("ab", None) == "ab"
+
+
+def test_a_matched_stop_token_is_not_shown_unless_asked():
+    reason = {"type": "stop", "matched": 7}
+    assert ids_to_decode([5, 6, 7], reason) == [5, 6]
+    assert ids_to_decode([5, 6, 7], reason, no_stop_trim=True) == [5, 6, 7]
+    assert ids_to_decode([5, 6, 7], {"type": "stop", "matched": "x"}) == [5, 6, 7]
+    assert ids_to_decode([5, 6], {"type": "length", "length": 2}) == [5, 6]
 
 
 def test_format_result_has_sglang_fields_and_triples():
