@@ -3,7 +3,7 @@ Engine's results equal the server's is tests/managers/test_model_tokenizer_manag
 
 from __future__ import annotations
 
-from crosspool_sgl.managers.result_format import LogprobLists, format_result, ids_to_decode, trim_stop
+from crosspool_sgl.result_format import LogprobLists, format_result, ids_to_decode, trim_stop
 
 
 def test_trim_stop_cuts_at_the_matched_string_unless_asked_not_to():
