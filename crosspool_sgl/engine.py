@@ -15,8 +15,8 @@ import time
 from typing import Any
 
 from crosspool_sgl.core.req import Req, ReqOutput
-from crosspool_sgl.result_format import LogprobLists, format_result, ids_to_decode, trim_stop
 from crosspool_sgl.mem.residency_manager import models_with_requests
+from crosspool_sgl.result_format import LogprobLists, format_result, ids_to_decode, trim_stop
 from crosspool_sgl.runtime import Runtime, build_runtime
 from crosspool_sgl.sampling_params import InvalidRequestError, SamplingParams
 from crosspool_sgl.server_args import (
