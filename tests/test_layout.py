@@ -66,6 +66,26 @@ def test_no_import_cycles_between_modules():
         name: {m for m in (imports_of(path)) if m in mods and m != name and not name.startswith(m + ".")}
         for name, path in mods.items()
     }
+    assert not _cycles(graph), f"import cycles: {_cycles(graph)}"
+
+
+def test_no_import_cycles_between_packages():
+    """crosspool_sgl's packages (core, mem, models, layers, managers, ...) form layers too: layers/
+    must not import models/ while models/ imports layers/, even through modules that form no cycle."""
+    mods = modules()
+
+    def package_of(name: str) -> str:
+        return ".".join(name.split(".")[:2])
+
+    graph: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        deps = {package_of(m) for m in imports_of(path) if m in mods}
+        graph.setdefault(package_of(name), set()).update(deps - {package_of(name)})
+    assert not _cycles(graph), f"import cycles between packages: {_cycles(graph)}"
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of two or more nodes."""
     # Tarjan's strongly connected components; any component with two or more modules is a cycle.
     index: dict[str, int] = {}
     low: dict[str, int] = {}
@@ -97,4 +117,4 @@ def test_no_import_cycles_between_modules():
     for name in graph:
         if name not in index:
             visit(name)
-    assert not cycles, f"import cycles: {cycles}"
+    return cycles

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from crosspool_sgl.layers.moe import RouterConfig
+from crosspool_sgl.layers.rotary import RopeConfig
 
 # architectures (config.json "architectures"[0]) -> model_type we implement
 SUPPORTED_ARCHITECTURES = {
@@ -39,13 +42,6 @@ class UnsupportedModelError(ValueError):
 
 
 @dataclass(frozen=True)
-class RopeConfig:
-    theta: float
-    rope_type: str = "default"  # default | linear | llama3 | yarn
-    params: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class MLAConfig:
     """Multi-head latent attention (DeepSeek-V2/V3): K/V come from one compressed latent per token."""
 
@@ -63,28 +59,6 @@ class MLAConfig:
     def latent_dim(self) -> int:
         """What the KV cache stores per token and layer: the latent plus the rope'd key part."""
         return self.kv_lora_rank + self.qk_rope_head_dim
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    """How a MoE layer picks its experts and weighs them, as each transformers family does.
-
-    kind: "softmax" (softmax, top-k, optional renorm: Qwen/Mixtral/OLMoE, DeepSeek-V2 "greedy"),
-    "group_limited_greedy" (DeepSeek-V2: softmax, best `topk_group` groups by their max, top-k),
-    "sigmoid_grouped" (DeepSeek-V3/GLM-4 MoE: sigmoid + correction bias to choose, groups ranked
-    by the sum of their top-2, weights are the uncorrected sigmoid scores),
-    "topk_softmax" (gpt-oss: biased logits, top-k, softmax over the k chosen).
-    """
-
-    kind: str = "softmax"
-    top_k: int = 0
-    renormalize: bool = False
-    num_groups: int = 1
-    topk_groups: int = 1
-    scaling_factor: float = 1.0  # routed_scaling_factor
-    has_bias: bool = False  # gpt-oss router bias
-    has_correction_bias: bool = False  # e_score_correction_bias
-    fp32_logits: bool = False  # DeepSeek/GLM compute router logits from fp32 casts of x and the weight
 
 
 @dataclass(frozen=True)
