@@ -5,14 +5,14 @@
     scheduler   --MultiModelBatchTokenIDOutput*, FlushCacheReqOutput,
                   GetInternalStateReqOutput--> detokenizer
     detokenizer --BatchStrOutput, the control replies unchanged--> tokenizer (the `http_worker_ipc`
-                  the request or control message came with, when it names one: the per-model
+                  the request or control message came with: the per-model
                   ModelTokenizerManager's own address)
     (* SGLang's struct plus a `model` field; every other class is SGLang's own, re-exported here)
 
 Every hop uses SGLang's `sock_send`/`sock_recv`, so the wire format is SGLang's: pickle by default
 in 0.5.23, msgpack with `SGLANG_USE_PICKLE_IPC=0`; our two subclasses are registered with SGLang's
-`hook_custom_types` for the latter. Control replies pass the detokenizer unchanged, so the
-tokenizer side reads one socket.
+`hook_custom_types` for the latter. Control replies pass the detokenizer unchanged, so each
+model's manager reads one socket.
 
 Ours, and why: SGLang's server serves one model, so neither its request nor its output names one.
 - `MultiModelTokenizedGenerateReqInput`: SGLang's `TokenizedGenerateReqInput` (its `SamplingParams`,
@@ -71,7 +71,8 @@ def with_unset_fields(cls: type[S], **given: Any) -> S:
 
 
 class MultiModelTokenizedGenerateReqInput(TokenizedGenerateReqInput, kw_only=True):
-    """One tokenised request for one hosted model (SGLang's fields; built in managers/validation.py)."""
+    """One tokenised request for one hosted model (SGLang's fields; SGLang's TokenizerManager builds it,
+    `ModelTokenizerManager.tokenized_generate_req_type` adds the model)."""
 
     model: str
 
