@@ -166,6 +166,8 @@ def render(rows: list[dict], meta: dict) -> str:
         f"- machine: {meta['machine']}",
         f"- load average (1 min) before each repeat: {', '.join(f'{x:.2f}' for x in meta['load_avg'])}; "
         f"after: {meta['load_avg_end']:.2f}",
+        f"- CPU utilisation of each core over the repeats (this run is one torch thread): "
+        f"{', '.join(f'{x:.0%}' for x in meta['core_busy'])}",
         "",
         f"Medians over decode steps, then over {meta['repeats']} interleaved repeats (min-max of the step",
         "time across repeats). compute = time inside the forward passes and logits; overhead = the rest",
@@ -208,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         args.new_tokens, args.repeats = 12, 1
     import torch
 
+    from crosspool_sgl.bench.monitor import busy_fractions, core_times
     from crosspool_sgl.tools.make_tiny_models import ensure_tiny_models
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -215,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     engines = {n: build(n, paths) for n in (1, args.batch)}
     runs: dict[tuple[int, str], list[dict]] = {}
     load_avg = []
+    cores_before = core_times()
     for rep in range(args.repeats):
         load_avg.append(os.getloadavg()[0])
         for path in PATHS:
@@ -234,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "load_avg": load_avg,
         "load_avg_end": os.getloadavg()[0],
+        "core_busy": busy_fractions(cores_before, core_times()),  # per core, over the repeats
         "ratio_lockstep": ratio(rows, "lockstep"),
         "paired_lockstep": paired_ratios(runs, args.batch, "lockstep"),
         "paired_per_model": paired_ratios(runs, args.batch, "per-model"),
