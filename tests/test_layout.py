@@ -118,3 +118,13 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if name not in index:
             visit(name)
     return cycles
+
+
+def test_parsing_a_model_config_imports_no_torch():
+    """The launcher checks every model's config before it starts anything; importing torch there
+    costs ~2 s of start-up on this box (it happened once, through a dataclass's module)."""
+    import subprocess
+    import sys
+
+    code = "import sys, crosspool_sgl.models.config as c; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)

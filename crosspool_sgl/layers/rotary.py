@@ -7,19 +7,11 @@ correctness anchor), then cached as cos/sin tables indexed by position.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
+from crosspool_sgl.layers.layer_config import RopeConfig
 from crosspool_sgl.layers.plan_cache import PlanCache, plan
-
-
-@dataclass(frozen=True)
-class RopeConfig:
-    theta: float
-    rope_type: str = "default"  # default | linear | llama3 | yarn
-    params: dict[str, Any] = field(default_factory=dict)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, float]:

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crosspool_sgl.layers.moe import RouterConfig
-from crosspool_sgl.layers.rotary import RopeConfig
+from crosspool_sgl.layers.layer_config import RopeConfig, RouterConfig
 
 # architectures (config.json "architectures"[0]) -> model_type we implement
 SUPPORTED_ARCHITECTURES = {
