@@ -1,5 +1,5 @@
 """What a lockstep FFN call needs from fused_moe: rows of several models padded to one width and
-one K (slot -1 = padding), and the CPU path's two strategies (batched GEMMs per shape class,
+one K (slot -1 = padding), and the CPU path's two strategies (batched GEMMs per shape group,
 the per-slot loop) both exact against the float64 reference, gpt-oss's extras included.
 
 Shape legend: T = tokens, K = slots per token, W = hidden_states width (Hmax).
@@ -18,7 +18,7 @@ from kernels.fused_moe import align_pairs_to_slots, fused_moe, fused_moe_ref, fu
 from tests.kernels.test_fused_moe import DTYPES, FNS, TOLERANCE, build_pool, route
 from tests.kernels.test_fused_moe_extras import with_extras
 
-# three models with different H and I (one with biases and clamped SwiGLU): several shape classes
+# three models with different H and I (one with biases and clamped SwiGLU): several shape groups
 MODELS = [(4, 40, 24), (4, 24, 56), (5, 16, 32)]
 
 
