@@ -18,7 +18,7 @@ model's `ModelTokenizerManager` binds its own address and stamps it on what it s
 scheduler sends one message per model and destination per step, so a message is never split).
 
 Its constructor needs a published SGLang config (role "detokenizer", model-independent serving
-flags) and a `PortArgs`, of which only the scheduler-side socket name is read: we build both.
+flags) and a `PortArgs`, of which only the scheduler-side socket name is read: we build one with it.
 """
 
 from __future__ import annotations
