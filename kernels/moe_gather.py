@@ -123,7 +123,8 @@ def _padded_weights(
     """The group's matrices zero-padded to Ip: w13 [P, 2Ip, H], w2 [P, H, Ip], and with biases
     the gate/up biases [P, 2Ip] and down biases [P, H]; one gather per matrix kind and I."""
     hidden, ip = group.hidden, group.padded_inter
-    w13_offset, w2_offset, bias_offset = tables[0][slots], tables[1][slots], tables[2][slots]
+    w13_offset, w2_offset = tables[0][slots], tables[1][slots]
+    bias_offset = tables[2][slots] if group.has_bias else None
     parts: list[list[torch.Tensor]] = [[], [], [], []]
     start = 0
     for inter, n in zip(group.inters, group.counts, strict=True):
@@ -135,7 +136,7 @@ def _padded_weights(
             w13, w2 = F.pad(w13, (0, 0, 0, ip - inter)), F.pad(w2, (0, ip - inter))
         parts[0].append(w13.view(n, 2 * ip, hidden))
         parts[1].append(w2)
-        if group.has_bias:
+        if bias_offset is not None:
             bias = gather_rows(arena, bias_offset[rows], 2 * inter + hidden)  # [n, 2I + H]
             gate_up = bias[:, : 2 * inter].view(n, 2, inter)
             parts[2].append((F.pad(gate_up, (0, ip - inter)) if inter != ip else gate_up).view(n, 2 * ip))

@@ -66,7 +66,8 @@ def test_no_import_cycles_between_modules():
         name: {m for m in (imports_of(path)) if m in mods and m != name and not name.startswith(m + ".")}
         for name, path in mods.items()
     }
-    assert not _cycles(graph), f"import cycles: {_cycles(graph)}"
+    cycles = _cycles(graph)
+    assert not cycles, f"import cycles: {cycles}"
 
 
 def test_no_import_cycles_between_packages():
@@ -81,7 +82,8 @@ def test_no_import_cycles_between_packages():
     for name, path in mods.items():
         deps = {package_of(m) for m in imports_of(path) if m in mods}
         graph.setdefault(package_of(name), set()).update(deps - {package_of(name)})
-    assert not _cycles(graph), f"import cycles between packages: {_cycles(graph)}"
+    cycles = _cycles(graph)
+    assert not cycles, f"import cycles between packages: {cycles}"
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
